@@ -1,0 +1,84 @@
+"""Codecs turn compute tensors into the bytes a tier stores, and back, plain or compressed.
+
+Tiers only hold bytes, so the same stores serve fp32, fp16 and group-quantized data alike,
+and compressed tensors stay compressed on every tier, disk included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def _elem_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class RowCodec:
+    """Rows of `row_elems` values (KV cache tokens, activations): plain or group-quantized."""
+
+    row_elems: int
+    storage: torch.dtype
+    quant: object | None = None  # engine.compression.QuantSpec
+
+    @property
+    def row_bytes(self) -> int:
+        if self.quant is None:
+            return self.row_elems * _elem_bytes(self.storage)
+        from engine.compression import row_nbytes
+
+        return row_nbytes(self.row_elems, self.quant)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, row_elems) -> uint8 (n, row_bytes)."""
+        if self.quant is None:
+            return x.to(self.storage).contiguous().view(torch.uint8)
+        from engine.compression import encode_rows
+
+        return encode_rows(x, self.quant)
+
+    def decode(self, data: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """uint8 (n * row_bytes,) -> (n, row_elems) on `device` in `dtype`; a view when nothing changes."""
+        rows = data.view(-1, self.row_bytes)
+        if self.quant is None:
+            return rows.view(self.storage).to(device=device, dtype=dtype, non_blocking=True)
+        from engine.compression import decode_rows
+
+        return decode_rows(rows.to(device, non_blocking=True), self.row_elems, self.quant, dtype)
+
+
+@dataclass(frozen=True)
+class WeightCodec:
+    """One weight tensor; 2-D weights may be group-quantized along `dim`."""
+
+    shape: tuple[int, ...]
+    storage: torch.dtype
+    quant: object | None = None
+    dim: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        if self.quant is None:
+            n = 1
+            for s in self.shape:
+                n *= s
+            return n * _elem_bytes(self.storage)
+        from engine.compression import weight_nbytes
+
+        return weight_nbytes(self.shape, self.quant, self.dim)
+
+    def encode(self, w: torch.Tensor) -> torch.Tensor:
+        if self.quant is None:
+            return w.to(self.storage).contiguous().reshape(-1).view(torch.uint8)
+        from engine.compression import encode_weight
+
+        return encode_weight(w, self.quant, self.dim)
+
+    def decode(self, data: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if self.quant is None:
+            return data.view(self.storage).view(self.shape).to(device=device, dtype=dtype, non_blocking=True)
+        from engine.compression import decode_weight
+
+        return decode_weight(data.to(device, non_blocking=True), self.shape, self.quant, self.dim, dtype)

@@ -1,0 +1,329 @@
+"""The zig-zag block schedule: one generic loop for every placement policy and model family.
+
+For each token step, for each layer, for each GPU batch: prefetch the next layer's weights and
+the next batch's activations and KV cache, compute, and store, with I/O on worker threads. A
+layer's weights are loaded once per block and reused by all of its GPU batches.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.codec import RowCodec, WeightCodec
+from engine.config import ModelConfig
+from engine.models import LayerSpec
+from engine.models.layers import attention
+from engine.placement import split_count
+from engine.policy import Policy
+from engine.tiers import DiskStore, MemoryStore, Tier
+
+Store = MemoryStore | DiskStore
+
+
+@dataclass
+class StoredWeight:
+    tier: str
+    store: Store
+    codec: WeightCodec
+
+
+@dataclass
+class Runtime:
+    """A loaded model: everything the schedule needs, nothing about the caller."""
+
+    cfg: ModelConfig
+    adapter: object
+    specs: list[LayerSpec]
+    weights: list[dict[str, StoredWeight]]
+    tiers: dict[str, Tier]
+    policy: Policy
+    device: torch.device
+    compute_dtype: torch.dtype
+    storage_dtype: torch.dtype
+    io: ThreadPoolExecutor | None
+    cache_quant: object | None = None
+
+    def submit(self, fn: Callable, *args) -> Future:
+        """Run on an I/O worker when overlapping, else now; either way the caller gets a future."""
+        if self.io is not None and self.policy.overlap:
+            return self.io.submit(fn, *args)
+        fut: Future = Future()
+        fut.set_result(fn(*args))
+        return fut
+
+
+@dataclass
+class Rows:
+    """One GPU batch: left-padded prompts and the caller's row indices."""
+
+    index: list[int]
+    ids: torch.Tensor  # (b, L) long
+    mask: torch.Tensor  # (b, L) bool, False on left pads
+    valid: torch.Tensor = field(init=False)  # (b, L + steps) key validity, grows with the steps
+
+    def __post_init__(self) -> None:
+        self.valid = self.mask.clone()
+
+
+# -- weights -----------------------------------------------------------------------------------------
+
+def load_layer(rt: Runtime, pos: int) -> tuple[dict[str, torch.Tensor], int]:
+    """Bring one layer's weights to the compute device; returns them and the working bytes used."""
+    out, working = {}, 0
+    for name, sw in rt.weights[pos].items():
+        data = sw.store.read(0, sw.codec.nbytes)
+        tensor = sw.codec.decode(data, rt.device, rt.compute_dtype)
+        if rt.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+        if sw.tier != "gpu" or tensor.data_ptr() != data.data_ptr():
+            working += tensor.numel() * tensor.element_size()
+        out[name] = tensor
+    rt.tiers["gpu"].alloc(working)
+    return out, working
+
+
+# -- KV cache ------------------------------------------------------------------------------------------
+
+@dataclass
+class _Segment:
+    tier: str
+    heads: tuple[int, int]
+    codec: RowCodec
+    k: Store
+    v: Store
+    device: torch.device  # where attention over this segment runs
+
+    def direct(self, rt: Runtime) -> bool:
+        """Plain in-memory rows on the attention device can be read as views, without a copy."""
+        return self.codec.quant is None and isinstance(self.k, MemoryStore) and self.k.buf.device == self.device
+
+
+class LayerCache:
+    """K and V of one decoder layer for one GPU batch, split over the tiers by KV head."""
+
+    def __init__(self, rt: Runtime, batch: int, max_len: int):
+        cfg, d = rt.cfg, rt.cfg.head_dim
+        self.rt, self.length, self.pending = rt, 0, []
+        self.segments = []
+        for tier, (h0, h1) in split_count(cfg.kv_heads, rt.policy.split("cache")).items():
+            codec = RowCodec(batch * (h1 - h0) * d, rt.storage_dtype, rt.cache_quant)
+            size = max_len * codec.row_bytes
+            device = torch.device("cpu") if (rt.policy.cpu_cache_compute and tier != "gpu") else rt.device
+            self.segments.append(_Segment(tier, (h0, h1), codec, rt.tiers[tier].store(size, "k"),
+                                          rt.tiers[tier].store(size, "v"), device))
+
+    def fetch(self) -> list:
+        """Read the cached rows of the segments that cannot be viewed in place (runs on a worker)."""
+        for fut in self.pending:
+            fut.result()
+        self.pending = []
+        out = []
+        for seg in self.segments:
+            if seg.direct(self.rt) or self.length == 0:
+                out.append(None)
+                continue
+            n = self.length * seg.codec.row_bytes
+            out.append(tuple(seg.codec.decode(s.read(0, n), seg.device, self.rt.compute_dtype)
+                             for s in (seg.k, seg.v)))
+        return out
+
+    def attend(self, fetched: list, q, k, v, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+        rt, group = self.rt, q.shape[2] // k.shape[2]
+        b, s = q.shape[:2]
+        t0, outs = self.length, []
+        for seg, old in zip(self.segments, fetched, strict=True):
+            h0, h1 = seg.heads
+            new = [x[:, :, h0:h1].permute(1, 0, 2, 3).reshape(s, -1) for x in (k, v)]  # token-major rows
+            offset, nbytes = t0 * seg.codec.row_bytes, s * seg.codec.row_bytes
+            if seg.direct(rt):
+                for store, rows in zip((seg.k, seg.v), new, strict=True):
+                    store.write(offset, seg.codec.encode(rows))
+                full = [seg.codec.decode(st.read(0, offset + nbytes), seg.device, rt.compute_dtype)
+                        for st in (seg.k, seg.v)]
+            else:
+                encoded = [seg.codec.encode(rows) for rows in new]
+                self.pending.append(rt.submit(_write_rows, (seg.k, seg.v), offset, encoded))
+                new_dev = [rows.to(seg.device, rt.compute_dtype) for rows in new]
+                full = new_dev if old is None else [torch.cat(p) for p in zip(old, new_dev, strict=True)]
+            kk, vv = (x.view(t0 + s, b, h1 - h0, -1).permute(1, 0, 2, 3) for x in full)
+            qq = q[:, :, h0 * group:h1 * group].to(seg.device)
+            outs.append(attention(qq, kk, vv, allowed.to(seg.device), scale).to(rt.device))
+        self.length = t0 + s
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def close(self) -> None:
+        for fut in self.pending:
+            fut.result()
+        for seg in self.segments:
+            seg.k.close()
+            seg.v.close()
+
+
+def _write_rows(stores, offset: int, encoded) -> None:
+    for store, data in zip(stores, encoded, strict=True):
+        store.write(offset, data)
+
+
+# -- activations -----------------------------------------------------------------------------------------
+
+class Activation:
+    """One GPU batch's hidden states between layers, split over the tiers by element."""
+
+    def __init__(self, rt: Runtime, max_elems: int):
+        self.rt, self.split = rt, rt.policy.split("act")
+        self.disk: DiskStore | None = None
+        if self.split["disk"] > 0:
+            itemsize = torch.empty((), dtype=rt.compute_dtype).element_size()
+            self.disk = rt.tiers["disk"].store(max_elems * itemsize, "act")
+        self.pieces: list = []
+        self.shape: torch.Size | None = None
+        self.held = {"gpu": 0, "cpu": 0}
+
+    def put(self, x: torch.Tensor) -> None:
+        self.shape, flat = x.shape, x.reshape(-1)
+        self.pieces = []
+        for tier, (a, b) in split_count(flat.numel(), self.split).items():
+            piece = flat[a:b]
+            if tier == "disk":
+                self.pieces.append(("disk", self.rt.submit(self.disk.write, 0, piece.view(torch.uint8)), b - a))
+                continue
+            nbytes = piece.numel() * piece.element_size()
+            self.rt.tiers[tier].alloc(nbytes)
+            self.held[tier] += nbytes
+            self.pieces.append((tier, piece.to(self.rt.tiers[tier].device, non_blocking=True), b - a))
+
+    def get(self) -> torch.Tensor:
+        parts = []
+        for tier, item, n in self.pieces:
+            if tier == "disk":
+                item.result()
+                itemsize = torch.empty((), dtype=self.rt.compute_dtype).element_size()
+                parts.append(self.disk.read(0, n * itemsize).view(self.rt.compute_dtype).to(self.rt.device))
+            else:
+                if tier == "cpu":
+                    self.rt.tiers["cpu"].count(read=n * item.element_size())
+                parts.append(item.to(self.rt.device, non_blocking=True))
+        for tier in ("gpu", "cpu"):
+            self.rt.tiers[tier].release(self.held[tier])
+            self.held[tier] = 0
+        flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return flat.view(self.shape)
+
+    def close(self) -> None:
+        for tier in ("gpu", "cpu"):
+            self.rt.tiers[tier].release(self.held[tier])
+            self.held[tier] = 0
+        if self.disk is not None:
+            self.disk.close()
+
+
+# -- the block ---------------------------------------------------------------------------------------------
+
+# on_step(batch_no, step, last_logprobs (b, V) fp32, prompt_logprobs (b, L-1) or None)
+#   -> next token ids (b,) and whether every row of the batch has finished
+OnStep = Callable[[int, int, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, bool]]
+
+
+@dataclass
+class _StepCtx:
+    positions: torch.Tensor
+    allowed: torch.Tensor
+
+
+def _step_ctx(rows: Rows, step: int, device: torch.device) -> _StepCtx:
+    mask = rows.mask.to(device)
+    if step == 0:
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        q_slots = torch.arange(mask.shape[1], device=device)
+    else:
+        positions = (mask.long().sum(-1, keepdim=True) + step - 1)
+        q_slots = torch.tensor([mask.shape[1] + step - 1], device=device)
+    valid = rows.valid.to(device)
+    keys = torch.arange(valid.shape[1], device=device)
+    allowed = valid[:, None, :] & (keys[None, None, :] <= q_slots[None, :, None])
+    return _StepCtx(positions, allowed)
+
+
+def run_block(rt: Runtime, batches: list[Rows], steps: int, echo: bool, on_step: OnStep,
+              timings: dict[str, float]) -> None:
+    """Run `steps` forward passes (1 prefill + steps-1 decodes) over every GPU batch of one block."""
+    cfg, adapter, n_layers = rt.cfg, rt.adapter, len(rt.specs)
+    caches = [[LayerCache(rt, len(r.index), r.ids.shape[1] + steps) for r in batches] for _ in range(cfg.n_layers)]
+    acts = [Activation(rt, len(r.index) * r.ids.shape[1] * cfg.hidden) for r in batches]
+    inputs = [r.ids.to(rt.device) for r in batches]
+    finished = [False] * len(batches)
+    weight_future = rt.submit(load_layer, rt, 0)
+    try:
+        for step in range(steps):
+            start = time.perf_counter()
+            if step > 0:
+                for r in batches:
+                    r.valid = torch.cat([r.valid, torch.ones(len(r.index), 1, dtype=torch.bool)], dim=1)
+            ctxs = [_step_ctx(r, step, rt.device) for r in batches]
+            for pos, spec in enumerate(rt.specs):
+                w, working = weight_future.result()
+                weight_future = None
+                if not (step == steps - 1 and pos == n_layers - 1):
+                    weight_future = rt.submit(load_layer, rt, (pos + 1) % n_layers)
+                fetch = (rt.submit(caches[spec.index][0].fetch) if spec.kind == "decoder" else None)
+                for k, rows in enumerate(batches):
+                    if spec.kind == "embed":
+                        acts[k].put(adapter.embed(cfg, w, inputs[k], ctxs[k].positions))
+                        continue
+                    x = acts[k].get()
+                    if spec.kind == "decoder":
+                        cache = caches[spec.index][k]
+                        fetched = fetch.result()
+                        if k + 1 < len(batches):
+                            fetch = rt.submit(caches[spec.index][k + 1].fetch)
+                        ctx = ctxs[k]
+                        attend = lambda q, kk, v, scale, c=cache, f=fetched, a=ctx.allowed: c.attend(f, q, kk, v, a, scale)
+                        acts[k].put(adapter.decoder(cfg, w, x, ctx.positions, attend))
+                    else:
+                        last_lp, prompt_lp = _head(rt, w, x, rows, echo and step == 0)
+                        nxt, finished[k] = on_step(k, step, last_lp, prompt_lp)
+                        inputs[k] = nxt.to(rt.device).view(-1, 1)
+                del w
+                rt.tiers["gpu"].release(working)
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize(rt.device)
+            timings["prefill_s" if step == 0 else "decode_s"] += time.perf_counter() - start
+            if all(finished):
+                break
+    finally:
+        if weight_future is not None:
+            _drain(weight_future, rt)
+        for layer in caches:
+            for cache in layer:
+                cache.close()
+        for act in acts:
+            act.close()
+
+
+def _drain(fut: Future, rt: Runtime) -> None:
+    try:
+        _, working = fut.result()
+        rt.tiers["gpu"].release(working)
+    except Exception:  # the error that stopped the block is the one to report
+        pass
+
+
+def _head(rt: Runtime, w: dict, x: torch.Tensor, rows: Rows, echo: bool):
+    """Log-probs of the next token, and with `echo` of every prompt token after the first."""
+    lm = w["lm_head"]
+    h = rt.adapter.final(rt.cfg, w, x if echo else x[:, -1:])
+    last = torch.log_softmax((h[:, -1] @ lm.T).float(), dim=-1)
+    if not echo:
+        return last, None
+    targets, chunk, parts = rows.ids.to(rt.device), 64, []
+    for i in range(0, h.shape[1] - 1, chunk):
+        lp = torch.log_softmax((h[:, i:i + chunk] @ lm.T).float(), dim=-1)
+        tgt = targets[:, i + 1:i + 1 + lp.shape[1]]
+        parts.append(lp[:, :tgt.shape[1]].gather(-1, tgt[..., None])[..., 0])
+    prompt_lp = torch.cat(parts, dim=1) if parts else torch.empty(h.shape[0], 0, device=rt.device)
+    return last, prompt_lp

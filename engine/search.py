@@ -1,0 +1,327 @@
+"""Policy search: enumerate block shapes, solve the placement fractions as a linear program.
+
+For a fixed gpu_batch_size x num_gpu_batches and cpu_cache_compute, the cost model's time is a
+convex piecewise-linear function of the nine placement fractions and its peak memory per tier is
+linear, so scipy's HiGHS solves the placement exactly. The best block over the enumeration wins.
+
+    python -m engine.search --model opt-30b --hardware t4-paper --prompt-len 512 --gen-len 32
+    python -m engine.search --model opt-30b --hardware t4-paper --evaluate-policy --percent 20 80 0 100 0 100 \
+        --gpu-batch-size 48 --num-gpu-batches 3 --cpu-cache-compute
+    python -m engine.search --paper-table
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import linprog
+
+from engine.config import ModelConfig, named_config
+from engine.cost_model import (
+    FRACTIONS,
+    Expr,
+    Lin,
+    Max,
+    Prediction,
+    Scale,
+    Sum,
+    memory_model,
+    model_sizes,
+    predict,
+    time_model,
+)
+from engine.errors import UserError, cli_main
+from engine.hardware import HardwareProfile, load_hardware
+from engine.policy import TIERS, Policy, add_policy_args, parse_size, policy_from_args
+
+GPU_BATCH_SIZES = (1, 2, 4, 8, 12, 16, 20, 24, 32, 36, 48, 64, 72, 96, 128, 192, 256)
+NUM_GPU_BATCHES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+# Capacity kept free on every tier. FlexGen ran its OPT-30B policy with the T4 nearly full; this
+# cost model puts that policy at 96% of 16 GiB, so a larger margin would rule out the paper's policy.
+MEMORY_MARGIN = 0.03
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    policy: Policy
+    throughput_tok_s: float
+    peak_bytes: dict[str, int]
+    prediction: Prediction
+    capacity: dict[str, int]
+
+
+# -- the linear program ---------------------------------------------------------------------------
+
+class _Program:
+    """Collects `Lin <= 0` rows; each Max becomes an auxiliary variable bounded below by its parts."""
+
+    def __init__(self) -> None:
+        self.n_vars = len(FRACTIONS)
+        self.rows: list[Lin] = []
+
+    def linearize(self, expr: Expr) -> Lin:
+        if isinstance(expr, Lin):
+            return expr
+        if isinstance(expr, Scale):
+            return self.linearize(expr.expr) * expr.times
+        if isinstance(expr, Sum):
+            total = Lin()
+            for part in expr.parts:
+                total = total + self.linearize(part)
+            return total
+        assert isinstance(expr, Max)
+        z = Lin(0.0, {self.n_vars: 1.0})
+        self.n_vars += 1
+        for part in expr.parts:
+            self.rows.append(self.linearize(part) + z * -1.0)
+        return z
+
+    def solve(self, objective: Lin) -> list[float] | None:
+        def dense(lin: Lin) -> np.ndarray:
+            v = np.zeros(self.n_vars)
+            for i, c in lin.coef.items():
+                v[i] = c
+            return v
+
+        a_ub = np.array([dense(r) for r in self.rows])
+        b_ub = np.array([-r.const for r in self.rows])
+        a_eq = np.zeros((3, self.n_vars))
+        for k in range(3):
+            a_eq[k, 3 * k:3 * k + 3] = 1.0
+        bounds = [(0.0, 1.0)] * len(FRACTIONS) + [(0.0, None)] * (self.n_vars - len(FRACTIONS))
+        res = linprog(dense(objective), A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=np.ones(3), bounds=bounds,
+                      method="highs")
+        return list(res.x[:len(FRACTIONS)]) if res.status == 0 else None
+
+
+def capacities(hw: HardwareProfile, gpu_mem: int | None = None, cpu_mem: int | None = None,
+               disk_mem: int | None = None) -> dict[str, int]:
+    return {"gpu": gpu_mem if gpu_mem is not None else hw.gpu_mem,
+            "cpu": cpu_mem if cpu_mem is not None else hw.cpu_mem,
+            "disk": disk_mem if disk_mem is not None else hw.disk_mem}
+
+
+def _solve_block(cfg: ModelConfig, hw: HardwareProfile, policy: Policy, prompt_len: int, gen_len: int,
+                 capacity: dict[str, int], margin: float) -> Policy | None:
+    """The best placement for this block shape, or None when nothing fits."""
+    program = _Program()
+    objective = program.linearize(time_model(cfg, hw, policy, prompt_len, gen_len).total)
+    tiers = memory_model(cfg, policy, prompt_len, gen_len, hw.device)
+    usable = {t: capacity[t] * (1 - margin) for t in TIERS}
+    for tier in TIERS:
+        program.rows += [e + (-usable[tier]) for e in tiers[tier]]
+    if hw.shared_host_memory:  # the "gpu" tier is host memory as well
+        program.rows += [g + c + (-usable["cpu"]) for g, c in zip(tiers["gpu"], tiers["cpu"], strict=True)]
+    x = program.solve(objective)
+    if x is None:
+        return None
+    # percentages rounded down to 0.1%: what is shaved off a tier moves to disk, never onto a full tier
+    pct = [math.floor(x[i] * 1000 + 1e-6) / 10 for i in (0, 1, 3, 4, 6, 7)]
+    return policy.with_percent(*pct)
+
+
+def _fits(peak: dict[str, int], capacity: dict[str, int], hw: HardwareProfile, slack: float) -> bool:
+    ok = all(peak[t] <= capacity[t] * slack for t in TIERS)
+    return ok and (not hw.shared_host_memory or peak["gpu"] + peak["cpu"] <= capacity["cpu"] * slack)
+
+
+def search_policy(cfg: ModelConfig, hardware: HardwareProfile, *, prompt_len: int, gen_len: int,
+                  compress_weight: bool = False, compress_cache: bool = False, gpu_mem: int | None = None,
+                  cpu_mem: int | None = None, disk_mem: int | None = None, max_block_size: int | None = None,
+                  margin: float = MEMORY_MARGIN, base: Policy | None = None) -> SearchResult:
+    """The fastest predicted policy that fits every tier (with `margin` kept free).
+
+    `base` carries the fields the search does not choose (dtypes, compression bits, threads, ...).
+    `max_block_size` caps gpu_batch_size x num_gpu_batches, e.g. at the number of prompts to run.
+    """
+    capacity = capacities(hardware, gpu_mem, cpu_mem, disk_mem)
+    base = dataclasses.replace(base or Policy(), compress_weight=compress_weight, compress_cache=compress_cache)
+    best: tuple[float, Policy, Prediction] | None = None
+    for cpu_cache_compute in (False, True):
+        for gbs in GPU_BATCH_SIZES:
+            for ngb in NUM_GPU_BATCHES:
+                if max_block_size is not None and gbs * ngb > max_block_size:
+                    continue
+                trial = dataclasses.replace(base, gpu_batch_size=gbs, num_gpu_batches=ngb,
+                                            cpu_cache_compute=cpu_cache_compute)
+                policy = _solve_block(cfg, hardware, trial, prompt_len, gen_len, capacity, margin)
+                if policy is None:
+                    continue
+                pred = predict(cfg, hardware, policy, prompt_len, gen_len)
+                if best is None or pred.throughput_tok_s > best[0]:
+                    best = (pred.throughput_tok_s, policy, pred)
+    if best is None:
+        raise UserError(_shortfall(cfg, hardware, base, prompt_len, gen_len, capacity, margin))
+    _, policy, pred = best
+    return SearchResult(policy, pred.throughput_tok_s, pred.peak_bytes, pred, capacity)
+
+
+def _shortfall(cfg: ModelConfig, hw: HardwareProfile, base: Policy, prompt_len: int, gen_len: int,
+               capacity: dict[str, int], margin: float) -> str:
+    """Why nothing fits, in bytes: all tiers together, else the device's working set."""
+    one_row = dataclasses.replace(base, gpu_batch_size=1, num_gpu_batches=1)
+    layer, extra = model_sizes(cfg, one_row, hw.device)
+    weights = cfg.n_layers * layer.weight_bytes + extra.weight_bytes
+    cache = cfg.n_layers * (prompt_len + gen_len) * layer.kv_bytes
+    tiers = ("cpu", "disk") if hw.shared_host_memory else TIERS
+    usable = sum(capacity[t] for t in tiers) * (1 - margin)
+    need = weights + cache
+    if need > usable:
+        return (f"{cfg.name or 'model'} does not fit: weights ({weights / 2**30:.1f} GiB) and the KV cache of one "
+                f"sequence ({cache / 2**30:.2f} GiB) need {int(need)} bytes, but {' + '.join(tiers)} offer "
+                f"{int(usable)} after the {margin:.0%} margin: short by {int(need - usable)} bytes; add disk "
+                "(--disk-mem), compress (--compress-weight/--compress-cache) or pick a smaller model")
+    offloaded = one_row.with_percent(0, 100, 0, 100, 0, 100)
+    device = max(e.value([0, 1, 0, 0, 1, 0, 0, 1, 0])
+                 for e in memory_model(cfg, offloaded, prompt_len, gen_len, hw.device)["gpu"])
+    short = int(device - capacity["gpu"] * (1 - margin))
+    return (f"{cfg.name or 'model'}: even one sequence with everything offloaded needs {int(device)} bytes of "
+            f"device working memory, short by {max(short, 0)} bytes of the gpu tier "
+            f"({capacity['gpu']} bytes less the {margin:.0%} margin); raise --gpu-mem or shorten the prompt")
+
+
+# -- the paper's table ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PaperRow:
+    model: str
+    prompt_len: int
+    percent: tuple[float, ...]
+    gpu_batch_size: int
+    num_gpu_batches: int
+    cpu_cache_compute: bool
+    pin_weight: bool
+    compress: bool
+    paper_tok_s: float
+
+    def policy(self) -> Policy:
+        return Policy(gpu_batch_size=self.gpu_batch_size, num_gpu_batches=self.num_gpu_batches,
+                      cpu_cache_compute=self.cpu_cache_compute, pin_weight=self.pin_weight,
+                      compress_weight=self.compress, compress_cache=self.compress).with_percent(*self.percent)
+
+
+# FlexGen (Sheng et al., 2023), T4 16 GB, generation length 32. The 30B and 175B figures were
+# projected by FlexGen from 20 layer-steps.
+PAPER_ROWS = (
+    PaperRow("opt-6.7b", 512, (100, 0, 100, 0, 100, 0), 2, 1, False, True, False, 25.26),
+    PaperRow("opt-6.7b", 1024, (100, 0, 100, 0, 100, 0), 1, 1, False, True, False, 13.72),
+    PaperRow("opt-30b", 512, (20, 80, 0, 100, 0, 100), 48, 3, True, True, False, 7.32),
+    PaperRow("opt-30b", 1024, (4, 96, 0, 100, 0, 100), 20, 4, True, True, False, 3.50),
+    PaperRow("opt-175b", 512, (0, 50, 0, 0, 0, 100), 32, 8, True, False, False, 0.69),
+    PaperRow("opt-175b", 1024, (0, 50, 0, 0, 0, 100), 12, 12, True, False, False, 0.35),
+    PaperRow("opt-6.7b", 512, (100, 0, 100, 0, 100, 0), 72, 1, False, True, True, 29.12),
+    PaperRow("opt-175b", 512, (0, 100, 0, 100, 0, 100), 48, 3, False, False, True, 1.12),
+)
+PAPER_GEN_LEN = 32
+
+
+def describe(policy: Policy) -> str:
+    pct = " ".join(f"{v:g}" for v in policy.percent)
+    flags = [f for f, on in (("cpu", policy.cpu_cache_compute), ("c", policy.compress_weight)) if on]
+    return f"{pct} {policy.gpu_batch_size}x{policy.num_gpu_batches}" + (f" {','.join(flags)}" if flags else "")
+
+
+def paper_table(hardware: HardwareProfile | None = None) -> list[dict]:
+    """Each paper policy predicted on the t4-paper profile, and the searched policy for its setup."""
+    hw = hardware or load_hardware("t4-paper")
+    rows = []
+    for row in PAPER_ROWS:
+        cfg = named_config(row.model)
+        paper = predict(cfg, hw, row.policy(), row.prompt_len, PAPER_GEN_LEN)
+        found = search_policy(cfg, hw, prompt_len=row.prompt_len, gen_len=PAPER_GEN_LEN,
+                              compress_weight=row.compress, compress_cache=row.compress)
+        rows.append({"model": row.model + (" c" if row.compress else ""),
+                     "prompt/gen": f"{row.prompt_len}/{PAPER_GEN_LEN}", "paper policy": describe(row.policy()),
+                     "paper tok/s": row.paper_tok_s, "predicted tok/s": paper.throughput_tok_s,
+                     "error": paper.throughput_tok_s / row.paper_tok_s - 1, "searched policy": describe(found.policy),
+                     "searched tok/s": found.throughput_tok_s})
+    return rows
+
+
+def _markdown(rows: list[dict]) -> str:
+    def cell(key: str, v: object) -> str:
+        if key == "error":
+            return f"{v:+.1%}"
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cell(k, r[k]) for k in head) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _report(cfg: ModelConfig, hw: HardwareProfile, policy: Policy, pred: Prediction, capacity: dict[str, int],
+            title: str) -> str:
+    lines = [f"{title}: {cfg.name} on {hw.name}",
+             f"  percent (wg wc cg cc hg hc): {' '.join(f'{v:g}' for v in policy.percent)}",
+             f"  gpu batch: {policy.gpu_batch_size} x {policy.num_gpu_batches} = {policy.block_size} rows",
+             f"  cpu_cache_compute: {policy.cpu_cache_compute}   compression: {policy.compression_label()}",
+             f"  predicted throughput: {pred.throughput_tok_s:.3f} tok/s "
+             f"(prefill {pred.prefill_s:.2f} s, decode {pred.decode_s:.2f} s)",
+             "  peak memory:"]
+    lines += [f"    {t:4s} {_gib(pred.peak_bytes[t]):>12s} of {_gib(capacity[t])}" for t in TIERS]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m engine.search", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="opt-30b", help="named config, e.g. opt-30b")
+    parser.add_argument("--hardware", default="local",
+                        help="preset (t4-paper, a100-40gb, ...), 'local' or a profile JSON path")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--gen-len", type=int, default=32)
+    parser.add_argument("--disk-mem", help="budget of the disk tier, e.g. 1.5TB")
+    parser.add_argument("--max-block-size", type=int, help="cap on gpu_batch_size x num_gpu_batches")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--evaluate-policy", action="store_true",
+                        help="predict the policy given by the policy options instead of searching")
+    parser.add_argument("--paper-table", action="store_true",
+                        help="predict FlexGen's published policies on t4-paper and search their setups")
+    parser.add_argument("--validate-local", action="store_true",
+                        help="run OPT-1.3B dummy policies on this machine: predicted vs measured")
+    add_policy_args(parser)
+    args = parser.parse_args(argv)
+    if args.paper_table:
+        print(_markdown(paper_table(load_hardware(args.hardware if args.hardware != "local" else "t4-paper"))))
+        return
+    if args.validate_local:
+        from engine.validate_local import main as validate
+
+        validate(args)
+        return
+    if args.prompt_len < 1 or args.gen_len < 1:
+        raise UserError("--prompt-len and --gen-len must be positive")
+    cfg = named_config(args.model)
+    hw = load_hardware(args.hardware)
+    capacity = capacities(hw, parse_size(args.gpu_mem), parse_size(args.cpu_mem), parse_size(args.disk_mem))
+    if args.evaluate_policy:
+        policy = policy_from_args(args)
+        pred = predict(cfg, hw, policy, args.prompt_len, args.gen_len)
+        title = "policy"
+    else:
+        base = policy_from_args(args)
+        result = search_policy(cfg, hw, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                               compress_weight=base.compress_weight, compress_cache=base.compress_cache,
+                               gpu_mem=capacity["gpu"], cpu_mem=capacity["cpu"], disk_mem=capacity["disk"],
+                               max_block_size=args.max_block_size, base=base)
+        policy, pred, title = result.policy, result.prediction, "searched policy"
+    if args.json:
+        print(json.dumps({"policy": policy.to_dict(), "throughput_tok_s": pred.throughput_tok_s,
+                          "peak_bytes": pred.peak_bytes}))
+    else:
+        print(_report(cfg, hw, policy, pred, capacity, title))
+
+
+if __name__ == "__main__":
+    cli_main(main)()
