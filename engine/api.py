@@ -46,6 +46,18 @@ class Engine:
         self.rt, self.tokenizer, self.source = rt, tokenizer, source
         self.stats: dict = {}
 
+    def close(self) -> None:
+        """Free the tiers and remove the offload files now (they also go at exit)."""
+        if self.rt.io is not None:
+            self.rt.io.shutdown(wait=True)
+        self.rt.tiers["disk"].close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
     def config(self) -> ModelConfig:
         return self.rt.cfg

@@ -1,0 +1,64 @@
+"""`python -m engine.generate`: generate from the command line and print text or JSON with stats."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from engine.errors import UserError, cli_main
+from engine.policy import add_policy_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__)
+    p.add_argument("--model", required=True, help="named config (opt-125m ... opt-175b, smollm2-135m) or folder")
+    p.add_argument("--weights", choices=["dummy"], help="seeded random weights instead of a checkpoint")
+    p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
+    p.add_argument("--prompt-ids", action="append", default=[], help="a prompt as comma-separated token ids")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--echo-prompt", action="store_true", help="also return the prompt tokens' log-probs")
+    p.add_argument("--device", help="cpu or cuda[:N] (default: cuda if present)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with outputs and stats")
+    add_policy_args(p)
+    return p
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"--prompt-ids takes comma-separated integers, got {text!r}") from None
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    from engine.launch import load_engine
+
+    args = build_parser().parse_args(argv)
+    if bool(args.prompt) == bool(args.prompt_ids):
+        raise UserError("give either --prompt TEXT or --prompt-ids 1,2,3 (one or more times), not both")
+    prompts = args.prompt or [_ids(t) for t in args.prompt_ids]
+    eng = load_engine(args, prompt_len=max(len(p) for p in prompts), gen_len=args.max_new_tokens)
+    outs = eng.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_p=args.top_p, top_k=args.top_k, stop=args.stop, seed=args.seed,
+                        echo_prompt=args.echo_prompt)
+    if args.json:
+        keys = ("text", "token_ids", "logprobs", "finish_reason") + (("prompt_logprobs",) if args.echo_prompt else ())
+        print(json.dumps({"outputs": [{k: getattr(o, k) for k in keys} for o in outs], "stats": eng.stats}))
+        return
+    for o in outs:
+        print(o.text)
+        print(f"  [{len(o.token_ids)} tokens, finish: {o.finish_reason}]", file=sys.stderr)
+    s = eng.stats
+    print(f"{s['generated_tokens']} tokens in {s['prefill_s'] + s['decode_s']:.2f}s: {s['tokens_per_s']:.2f} tok/s "
+          f"(prefill {s['prefill_s']:.2f}s, decode {s['decode_s']:.2f}s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
