@@ -111,7 +111,8 @@ class Engine:
                    for spec, layer in zip(specs, placed, strict=True)]
         io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="flexhelm-io")
         rt = Runtime(cfg, adapter, specs, weights, tiers, policy, dev, compute, storage, io,
-                     _quant(policy.comp_cache_bits, policy.comp_cache_group) if policy.compress_cache else None)
+                     _quant(policy.comp_cache_bits, policy.comp_cache_group) if policy.compress_cache else None,
+                     torch.cuda.Stream(dev) if dev.type == "cuda" else None)
 
         def sink(pos: int, name: str, tensor: torch.Tensor) -> None:
             sw = weights[pos][name]

@@ -7,6 +7,7 @@ layer's weights are loaded once per block and reused by all of its GPU batches.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,6 +48,7 @@ class Runtime:
     storage_dtype: torch.dtype
     io: ThreadPoolExecutor | None
     cache_quant: object | None = None
+    copy_stream: object | None = None  # a CUDA stream for weight uploads, so they overlap compute
 
     def submit(self, fn: Callable, *args) -> Future:
         """Run on an I/O worker when overlapping, else now; either way the caller gets a future."""
@@ -75,14 +77,15 @@ class Rows:
 def load_layer(rt: Runtime, pos: int) -> tuple[dict[str, torch.Tensor], int]:
     """Bring one layer's weights to the compute device; returns them and the working bytes used."""
     out, working = {}, 0
-    for name, sw in rt.weights[pos].items():
-        data = sw.store.read(0, sw.codec.nbytes)
-        tensor = sw.codec.decode(data, rt.device, rt.compute_dtype)
-        if rt.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()
-        if sw.tier != "gpu" or tensor.data_ptr() != data.data_ptr():
-            working += tensor.numel() * tensor.element_size()
-        out[name] = tensor
+    with torch.cuda.stream(rt.copy_stream) if rt.copy_stream is not None else contextlib.nullcontext():
+        for name, sw in rt.weights[pos].items():
+            data = sw.store.read(0, sw.codec.nbytes)
+            tensor = sw.codec.decode(data, rt.device, rt.compute_dtype)
+            if sw.tier != "gpu" or tensor.data_ptr() != data.data_ptr():
+                working += tensor.numel() * tensor.element_size()
+            out[name] = tensor
+    if rt.copy_stream is not None:
+        rt.copy_stream.synchronize()
     rt.tiers["gpu"].alloc(working)
     return out, working
 
@@ -195,7 +198,7 @@ class Activation:
             nbytes = piece.numel() * piece.element_size()
             self.rt.tiers[tier].alloc(nbytes)
             self.held[tier] += nbytes
-            self.pieces.append((tier, piece.to(self.rt.tiers[tier].device, non_blocking=True), b - a))
+            self.pieces.append((tier, piece.to(self.rt.tiers[tier].device), b - a))
 
     def get(self) -> torch.Tensor:
         parts = []
@@ -268,6 +271,9 @@ def run_block(rt: Runtime, batches: list[Rows], steps: int, echo: bool, on_step:
             for pos, spec in enumerate(rt.specs):
                 w, working = weight_future.result()
                 weight_future = None
+                if rt.copy_stream is not None:  # made on the copy stream, used on this one
+                    for t in w.values():
+                        t.record_stream(torch.cuda.current_stream())
                 if not (step == steps - 1 and pos == n_layers - 1):
                     weight_future = rt.submit(load_layer, rt, (pos + 1) % n_layers)
                 fetch = (rt.submit(caches[spec.index][0].fetch) if spec.kind == "decoder" else None)

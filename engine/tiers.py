@@ -76,7 +76,7 @@ class MemoryStore:
 
     def write(self, offset: int, data: torch.Tensor) -> None:
         flat = data.reshape(-1)
-        self.buf[offset:offset + flat.numel()].copy_(flat, non_blocking=True)
+        self.buf[offset:offset + flat.numel()].copy_(flat)
         self.tier.count(written=flat.numel())
 
     def read(self, offset: int, nbytes: int) -> torch.Tensor:

@@ -9,21 +9,11 @@ from pathlib import Path
 
 import pytest
 from conftest import HELM_DATA
+from policies import POLICIES
 from reference import assert_matches_hf
 
 from engine import Engine, Policy, UserError
 
-POLICIES = {
-    "all-gpu": Policy(),
-    "weights-disk": Policy().with_percent(0, 0, 100, 0, 100, 0),
-    "weights-30-30-40": Policy().with_percent(30, 30, 100, 0, 100, 0),
-    "cache-cpu-compute": Policy(cpu_cache_compute=True).with_percent(100, 0, 0, 100, 100, 0),
-    "cache-half-disk": Policy().with_percent(100, 0, 50, 0, 100, 0),
-    "act-cpu": Policy().with_percent(100, 0, 100, 0, 0, 100),
-    "act-split": Policy().with_percent(100, 0, 100, 0, 30, 30),
-    "three-gpu-batches": Policy(gpu_batch_size=1, num_gpu_batches=3).with_percent(50, 0, 30, 30, 30, 30),
-    "no-overlap": Policy(overlap=False).with_percent(20, 30, 30, 30, 30, 30),
-}
 MIXED = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28], [40, 41, 42, 43]]
 
 
