@@ -8,6 +8,7 @@ layer's weights are loaded once per block and reused by all of its GPU batches.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -135,7 +136,7 @@ class LayerCache:
                              for s in (seg.k, seg.v)))
         return out
 
-    def attend(self, fetched: list, q, k, v, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+    def attend(self, fetched: list, allowed: torch.Tensor, q, k, v, scale: float) -> torch.Tensor:
         rt, group = self.rt, q.shape[2] // k.shape[2]
         b, s = q.shape[:2]
         t0, outs = self.length, []
@@ -287,9 +288,8 @@ def run_block(rt: Runtime, batches: list[Rows], steps: int, echo: bool, on_step:
                         fetched = fetch.result()
                         if k + 1 < len(batches):
                             fetch = rt.submit(caches[spec.index][k + 1].fetch)
-                        ctx = ctxs[k]
-                        attend = lambda q, kk, v, scale, c=cache, f=fetched, a=ctx.allowed: c.attend(f, q, kk, v, a, scale)
-                        acts[k].put(adapter.decoder(cfg, w, x, ctx.positions, attend))
+                        attend = functools.partial(cache.attend, fetched, ctxs[k].allowed)
+                        acts[k].put(adapter.decoder(cfg, w, x, ctxs[k].positions, attend))
                     else:
                         last_lp, prompt_lp = _head(rt, w, x, rows, echo and step == 0)
                         nxt, finished[k] = on_step(k, step, last_lp, prompt_lp)

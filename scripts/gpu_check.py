@@ -51,7 +51,8 @@ def correctness(folders: dict[str, Path], offload: Path) -> int:
             with Engine.load(folder, policy=policy, device="cuda", offload_dir=offload) as eng:
                 outs = eng.generate(PROMPTS, max_new_tokens=6)
             same = all(o.token_ids == r[0] for o, r in zip(outs, refs, strict=True))
-            diff = max(abs(a - b) for o, r in zip(outs, refs, strict=True) for a, b in zip(o.logprobs, r[1]))
+            pairs = [(a, b) for o, r in zip(outs, refs, strict=True) for a, b in zip(o.logprobs, r[1], strict=True)]
+            diff = max(abs(a - b) for a, b in pairs)
             failures += not (same and diff < 1e-4)
             print(f"| {name} | {pname} | {same} | {diff:.2e} |", flush=True)
     return failures
