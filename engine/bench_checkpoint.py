@@ -55,7 +55,8 @@ def write_random_checkpoint(hf_config, folder: Path, seed: int = 0) -> Path:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(hf_config).state_dict().items()}
+        state = AutoModelForCausalLM.from_config(hf_config).state_dict()
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
     if hf_config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
     tmp = folder.with_name(folder.name + ".partial")

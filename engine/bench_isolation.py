@@ -40,7 +40,8 @@ class MemoryCgroup:
             with contextlib.suppress(OSError):  # resettable since Linux 6.12
                 (self.path / "memory.peak").write_text("0")
         else:
-            (self.path / "memory.limit_in_bytes").write_text("-1" if limit_bytes is None else str(limit_bytes))
+            limit = "-1" if limit_bytes is None else str(limit_bytes)
+            (self.path / "memory.limit_in_bytes").write_text(limit)
             with contextlib.suppress(OSError):
                 (self.path / "memory.max_usage_in_bytes").write_text("0")
 
@@ -85,7 +86,8 @@ def own_cgroup_path(proc_cgroup: str, version: str) -> str:
     """Our cgroup inside the hierarchy, from /proc/self/cgroup text ('0::/a/b' or 'N:memory:/a/b')."""
     for line in proc_cgroup.splitlines():
         _, controllers, path = line.split(":", 2)
-        if (version == "v2" and controllers == "") or (version == "v1" and "memory" in controllers.split(",")):
+        names = controllers.split(",")
+        if (version == "v2" and controllers == "") or (version == "v1" and "memory" in names):
             return path.lstrip("/")
     return ""
 

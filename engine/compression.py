@@ -17,6 +17,7 @@ All work is whole-tensor torch ops (no Python loop over rows or groups), so it r
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ import torch
 from engine.errors import UserError
 
 _FP16_MAX = 65504.0
+_ROUND_MAGIC = float(1 << 23)
 
 
 @dataclass(frozen=True)
@@ -61,49 +63,70 @@ def row_nbytes(m: int, spec: QuantSpec) -> int:
 
 
 # -- bit packing -------------------------------------------------------------------------------------
-# Eight b-bit codes fill exactly b bytes, so rows are packed in chunks of 8 codes. The (byte, code,
-# shift) layout below is a handful of constants per bit width; the tensor ops run over all chunks at once.
+# Eight b-bit codes fill exactly b bytes. Eight one-byte codes are viewed as one int64 and squeezed in
+# doubling lanes: after stage s every lane of 8·2^s bits holds 2^s codes in its low b·2^s bits. Packing
+# stops at the first stage whose lane value is whole bytes (stage 1 at 4 bits, none at 8 bits) and keeps
+# those bytes of each lane; unpacking reverses the stages. All shifts and masks are whole-tensor ops.
 
-def _pack_terms(bits: int) -> list[tuple[int, int, int]]:
-    """(byte j, code i, shift) for every code i that has bits in byte j; shift > 0 means left shift."""
-    terms = []
-    for i in range(8):
-        lo = bits * i
-        for j in range(lo // 8, (lo + bits - 1) // 8 + 1):
-            terms.append((j, i, lo - 8 * j))
-    return terms
+def _lane_mask(lane_bits: int, lo: int, hi: int) -> int:
+    """Bits [lo, hi) of every lane_bits-wide lane of an int64, as a (non-negative) Python int."""
+    return sum(((1 << hi) - (1 << lo)) << offset for offset in range(0, 64, lane_bits))
 
 
-def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes (n, 8k) -> uint8 bytes (n, bits·k)."""
-    if bits == 8:
-        return codes
-    n = codes.shape[0]
-    chunks = codes.view(n, codes.shape[1] // 8, 8).permute(2, 0, 1)  # (8, n, k): one slab per code position
-    out = torch.zeros(bits, n, chunks.shape[2], dtype=torch.uint8, device=codes.device)
-    for j, i, shift in _pack_terms(bits):
-        out[j] |= chunks[i] << shift if shift >= 0 else chunks[i] >> -shift
-    return out.permute(1, 2, 0).reshape(n, bits * chunks.shape[2])
+@functools.cache
+def _stages(bits: int) -> tuple[list[tuple[int, int, int, int]], int, int]:
+    """Stages (value bits in, lane bits out, keep mask, pack mask, unpack mask), lane bytes, value bytes."""
+    stages, value_bits, lane_bits = [], bits, 8
+    while value_bits % 8:
+        half, lane_bits = lane_bits, 2 * lane_bits
+        stages.append((value_bits, lane_bits, _lane_mask(lane_bits, 0, value_bits),
+                       _lane_mask(lane_bits, value_bits, 2 * value_bits),
+                       _lane_mask(lane_bits, half, half + value_bits)))
+        value_bits *= 2
+    return stages, lane_bits // 8, value_bits // 8
 
 
-def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 bytes (n, bits·k) -> uint8 codes (n, 8k)."""
-    if bits == 8:
-        return packed
-    n = packed.shape[0]
-    slabs = packed.view(n, packed.shape[1] // bits, bits).permute(2, 0, 1)  # (bits, n, k)
-    codes = torch.zeros(8, n, slabs.shape[2], dtype=torch.uint8, device=packed.device)
-    for j, i, shift in _pack_terms(bits):
-        codes[i] |= slabs[j] >> shift if shift >= 0 else slabs[j] << -shift
-    codes &= (1 << bits) - 1
-    return codes.permute(1, 2, 0).reshape(n, 8 * slabs.shape[2])
+_LANE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _pack(codes: torch.Tensor, bits: int, dest: torch.Tensor) -> None:
+    """Pack uint8 codes (n, 8k), overwritten as scratch, into dest: the first bytes of each packed row."""
+    n, width = codes.shape
+    lanes = codes.view(torch.int64)
+    stages, lane_bytes, value_bytes = _stages(bits)
+    for value_bits, lane_bits, keep, move, _ in stages:
+        moved = (lanes >> (lane_bits // 2 - value_bits)).bitwise_and_(move)
+        lanes.bitwise_and_(keep).bitwise_or_(moved)
+    if value_bytes == 1:  # one byte per lane (2, 4 and 8 bits): a narrowing integer copy keeps it
+        dest.copy_(codes.view(_LANE_INT[lane_bytes])[:, :dest.shape[1]])
+    else:
+        packed = codes.view(n, width // lane_bytes, lane_bytes)[..., :value_bytes]
+        dest.copy_(packed.reshape(n, width * bits // 8)[:, :dest.shape[1]])
+
+
+def _unpack(packed: torch.Tensor, bits: int, width: int) -> torch.Tensor:
+    """uint8 bytes (n, ≤ bits·width/8), the packed part of rows -> uint8 codes (n, width)."""
+    n, packed_len = packed.shape
+    stages, lane_bytes, value_bytes = _stages(bits)
+    codes = torch.zeros(n, width, dtype=torch.uint8, device=packed.device)
+    if value_bytes == 1:  # a widening integer copy puts each byte at the bottom of its zeroed lane
+        codes.view(_LANE_INT[lane_bytes])[:, :packed_len] = packed
+    else:
+        whole = torch.zeros(n, width * bits // 8, dtype=torch.uint8, device=packed.device)
+        whole[:, :packed_len] = packed
+        lanes = width // lane_bytes
+        codes.view(n, lanes, lane_bytes)[..., :value_bytes] = whole.view(n, lanes, value_bytes)
+    lanes = codes.view(torch.int64)
+    for value_bits, lane_bits, keep, _, back in reversed(stages):
+        moved = (lanes << (lane_bits // 2 - value_bits)).bitwise_and_(back)
+        lanes.bitwise_and_(keep).bitwise_or_(moved)
+    return codes
 
 
 # -- per-group parameters ----------------------------------------------------------------------------
 
-def _group_params(groups: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp16 (min, step) per group of fp32 `groups` (..., G, g), rounded so that they cover the group."""
-    lo, hi = torch.aminmax(groups, dim=-1)
+def _group_params(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 (min, step) per group from its fp32 extremes, rounded so that they cover the group."""
     lo, hi = lo.clamp(-_FP16_MAX, _FP16_MAX), hi.clamp(-_FP16_MAX, _FP16_MAX)
     mn = lo.to(torch.float16)
     down = torch.nextafter(mn, torch.full_like(mn, -torch.inf))
@@ -115,17 +138,17 @@ def _group_params(groups: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, 
 
 
 # -- rows --------------------------------------------------------------------------------------------
-
-# Rows are processed in blocks so that the fp32 temporaries stay cache-sized on a CPU, where fresh
-# large allocations (page faults) and memory traffic would otherwise cost more than the arithmetic,
-# and bounded on a GPU. The loop runs over blocks of many rows, never over single rows or groups.
+# Rows go through in blocks whose fp32 scratch is allocated once per call and reused: on a CPU a block
+# stays cache-sized and no large buffer is freshly allocated (page faults) per step; on a GPU the block
+# bounds the temporary memory. The loop runs over blocks of many rows, never over single rows or groups.
 _BLOCK_VALUES = {"cpu": 1 << 18}
 _DEFAULT_BLOCK_VALUES = 1 << 24
 
 
-def _blocks(n: int, m: int, device: torch.device) -> list[slice]:
-    rows = max(1, _BLOCK_VALUES.get(device.type, _DEFAULT_BLOCK_VALUES) // m)
-    return [slice(start, start + rows) for start in range(0, n, rows)]
+def _blocks(n: int, m: int, device: torch.device) -> tuple[int, list[slice]]:
+    """Rows per block and the blocks' row slices."""
+    rows = max(1, min(n, _BLOCK_VALUES.get(device.type, _DEFAULT_BLOCK_VALUES) // m))
+    return rows, [slice(start, start + rows) for start in range(0, n, rows)]
 
 
 def encode_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -133,49 +156,34 @@ def encode_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     if not x.is_floating_point() or x.dim() < 1:
         raise UserError(f"encode_rows needs a floating-point tensor of rows, got {x.dtype} {tuple(x.shape)}")
     m = x.shape[-1]
-    nbytes = row_nbytes(m, spec)
-    rows = x.reshape(-1, m)
-    out = torch.empty(rows.shape[0], nbytes, dtype=torch.uint8, device=x.device)
-    for block in _blocks(rows.shape[0], m, x.device):
-        _encode_block(rows[block], spec, out[block])
-    return out.reshape(*x.shape[:-1], nbytes)
-
-
-def _encode_block(rows: torch.Tensor, spec: QuantSpec, out: torch.Tensor) -> None:
-    n, m = rows.shape
-    num_groups, g = _num_groups(m, spec), spec.group
-    rows = rows.float()
-    if num_groups * g != m:  # pad the short last group with its own last value: min/max unchanged
-        rows = torch.cat([rows, rows[:, -1:].expand(n, num_groups * g - m)], dim=1)
-    groups = rows.view(n, num_groups, g)
-    mn, step = _group_params(groups, spec)
-    inv = torch.where(step > 0, 1.0 / step.float(), 0.0)  # a constant group has step 0: all codes 0
-    q = torch.empty(n, num_groups, g, device=rows.device)
-    torch.sub(groups, mn.float().unsqueeze(-1), out=q)
-    q.mul_(inv.unsqueeze(-1)).round_().clamp_(0, spec.levels)
-    codes = torch.empty(n, -(-m // 8) * 8, dtype=torch.uint8, device=rows.device)
-    codes[:, :m] = q.view(n, num_groups * g)[:, :m]
-    codes[:, m:] = 0  # completes the last chunk of eight codes; bytes past the row's packed end are dropped
+    nbytes, num_groups, g = row_nbytes(m, spec), _num_groups(m, spec), spec.group
     packed_len = _packed_nbytes(m, spec)
-    out[:, :packed_len] = _pack(codes, spec.bits)[:, :packed_len]
-    out[:, packed_len:packed_len + 2 * num_groups] = mn.view(torch.uint8)
-    out[:, packed_len + 2 * num_groups:] = step.view(torch.uint8)
-
-
-def decode_rows(data: torch.Tensor, m: int, spec: QuantSpec, dtype: torch.dtype) -> torch.Tensor:
-    """Dequantize uint8 rows (..., row_nbytes(m)) into (..., m) of `dtype` on data's device.
-
-    The arithmetic is fp32 and the result is rounded once to `dtype`.
-    """
-    nbytes = row_nbytes(m, spec)
-    if data.dtype != torch.uint8 or data.dim() < 1 or data.shape[-1] != nbytes:
-        raise UserError(f"decode_rows expects uint8 rows of {nbytes} bytes ({m} values at {spec.bits} "
-                        f"bits, group {spec.group}), got {data.dtype} {tuple(data.shape)}")
-    rows = data.reshape(-1, nbytes)
-    out = torch.empty(rows.shape[0], m, dtype=dtype, device=data.device)
-    for block in _blocks(rows.shape[0], m, data.device):
-        _decode_block(rows[block], spec, out[block])
-    return out.reshape(*data.shape[:-1], m)
+    rows = x.reshape(-1, m)
+    if rows.stride(-1) != 1:  # e.g. a weight's columns: one whole transpose beats gathering every block
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape[0], nbytes, dtype=torch.uint8, device=x.device)
+    block_rows, blocks = _blocks(rows.shape[0], m, x.device)
+    scratch = torch.empty(block_rows, num_groups * g, device=x.device)
+    codes_scratch = torch.zeros(block_rows, -(-m // 8) * 8, dtype=torch.uint8, device=x.device)
+    for block in blocks:
+        n = rows[block].shape[0]
+        values = scratch[:n]
+        values[:, :m] = rows[block]
+        if num_groups * g != m:  # pad the short last group with its own last value: min/max unchanged
+            values[:, m:] = values[:, m - 1:m]
+        groups = values.view(n, num_groups, g)
+        mn, step = _group_params(groups.amin(-1), groups.amax(-1), spec)
+        inv = torch.where(step > 0, 1.0 / step.float(), 0.0)  # a constant group has step 0: codes 0
+        groups.sub_(mn.float().unsqueeze(-1)).mul_(inv.unsqueeze(-1)).clamp_(0, spec.levels)
+        # Adding 2^23 rounds to the nearest integer (ties to even, as round() does) and leaves the code
+        # in the low byte of the float's bits; a narrowing integer copy takes that byte.
+        groups.add_(_ROUND_MAGIC)
+        codes = codes_scratch[:n]
+        codes[:, :m] = values.view(torch.int32)[:, :m]  # the zero tail stays zero: packing moves bits down
+        _pack(codes, spec.bits, out[block, :packed_len])
+        out[block, packed_len:packed_len + 2 * num_groups] = mn.view(torch.uint8)
+        out[block, packed_len + 2 * num_groups:] = step.view(torch.uint8)
+    return out.reshape(*x.shape[:-1], nbytes)
 
 
 def _fp16_field(raw: torch.Tensor) -> torch.Tensor:
@@ -183,22 +191,42 @@ def _fp16_field(raw: torch.Tensor) -> torch.Tensor:
     return raw.clone(memory_format=torch.contiguous_format).view(torch.float16).float()
 
 
-def _decode_block(data: torch.Tensor, spec: QuantSpec, out: torch.Tensor) -> None:
-    n, m = out.shape
-    num_groups, g = _num_groups(m, spec), spec.group
+def decode_rows(data: torch.Tensor, m: int, spec: QuantSpec, dtype: torch.dtype,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantize uint8 rows (..., row_nbytes(m)) into (..., m) of `dtype` on data's device.
+
+    The arithmetic is fp32 and the result is rounded once to `dtype`. `out`, a contiguous tensor of
+    that shape, dtype and device, receives the result instead of a new tensor: reusing one buffer
+    saves the page faults of a fresh allocation, which on a CPU can cost more than decoding.
+    """
+    nbytes, num_groups, g = row_nbytes(m, spec), _num_groups(m, spec), spec.group
+    if data.dtype != torch.uint8 or data.dim() < 1 or data.shape[-1] != nbytes:
+        raise UserError(f"decode_rows expects uint8 rows of {nbytes} bytes ({m} values at {spec.bits} "
+                        f"bits, group {spec.group}), got {data.dtype} {tuple(data.shape)}")
     packed_len = _packed_nbytes(m, spec)
     width = -(-num_groups * g // 8) * 8  # whole chunks of eight codes covering every group
-    packed = torch.empty(n, width * spec.bits // 8, dtype=torch.uint8, device=data.device)
-    packed[:, :packed_len] = data[:, :packed_len]
-    packed[:, packed_len:] = 0
-    codes = _unpack(packed, spec.bits)[:, :num_groups * g].unflatten(1, (num_groups, g))
-    mn = _fp16_field(data[:, packed_len:packed_len + 2 * num_groups])
-    step = _fp16_field(data[:, packed_len + 2 * num_groups:])
-    direct = out.dtype == torch.float32 and num_groups * g == m
-    values = out.view(n, num_groups, g) if direct else torch.empty(n, num_groups, g, device=data.device)
-    values.copy_(codes).mul_(step.unsqueeze(-1)).add_(mn.unsqueeze(-1))
-    if not direct:
-        out.copy_(values.view(n, num_groups * g)[:, :m])
+    rows = data.reshape(-1, nbytes)
+    shape = (*data.shape[:-1], m)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=data.device)
+    elif out.shape != shape or out.dtype != dtype or out.device != data.device or not out.is_contiguous():
+        raise UserError(f"decode output must be a contiguous {dtype} tensor of shape {shape} on "
+                        f"{data.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+    result, out = out, out.view(-1, m)
+    direct = dtype == torch.float32 and num_groups * g == m  # no scratch: compute in the output
+    block_rows, blocks = _blocks(rows.shape[0], m, data.device)
+    scratch = None if direct else torch.empty(block_rows, num_groups * g, device=data.device)
+    for block in blocks:
+        n = rows[block].shape[0]
+        values = out[block] if direct else scratch[:n]
+        codes = _unpack(rows[block, :packed_len], spec.bits, width)[:, :num_groups * g]
+        mn = _fp16_field(rows[block, packed_len:packed_len + 2 * num_groups])
+        step = _fp16_field(rows[block, packed_len + 2 * num_groups:])
+        groups = values.view(n, num_groups, g)
+        groups.copy_(codes.view(n, num_groups, g)).mul_(step.unsqueeze(-1)).add_(mn.unsqueeze(-1))
+        if not direct:
+            out[block] = values[:, :m]
+    return result
 
 
 # -- 2-D weights -------------------------------------------------------------------------------------
@@ -227,15 +255,18 @@ def encode_weight(w: torch.Tensor, spec: QuantSpec, dim: int = 0) -> torch.Tenso
 
 
 def decode_weight(data: torch.Tensor, shape: tuple[int, int], spec: QuantSpec, dim: int,
-                  dtype: torch.dtype) -> torch.Tensor:
+                  dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantize a flat encoded weight back to `shape` and `dtype`.
 
     With dim=0 the result is a transposed view, (in, out)-contiguous, which is the layout
-    `F.linear` multiplies fastest; call .contiguous() if a row-major copy is needed.
+    `F.linear` multiplies fastest; call .contiguous() if a row-major copy is needed. `out` is a
+    buffer to reuse, laid out like the result (with dim=0, the .t() of a contiguous (in, out) tensor).
     """
     n, m = _weight_rows(tuple(shape), dim)
     if data.numel() != n * row_nbytes(m, spec):
         raise UserError(f"encoded weight has {data.numel()} bytes, but shape {tuple(shape)} at {spec.bits} "
                         f"bits, group {spec.group}, dim {dim} needs {weight_nbytes(shape, spec, dim)}")
-    rows = decode_rows(data.reshape(n, -1), m, spec, dtype)
+    if out is not None and dim == 0:
+        out = out.t()
+    rows = decode_rows(data.reshape(n, -1), m, spec, dtype, out)
     return rows.t() if dim == 0 else rows

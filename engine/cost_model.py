@@ -20,6 +20,7 @@ with `cpu_cache_compute`) and dequantisation of compressed weights and cache.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -135,6 +136,7 @@ class LayerSizes:
     kv_bytes: float = 0.0  # stored KV-cache bytes per token
     attn_dim: int = 0  # query heads x head_dim
     ffn: int = 0
+    engine_layers: int = 1  # engine layers this stands for (embedding and head are two)
 
     @property
     def hidden_bytes(self) -> float:
@@ -144,6 +146,15 @@ class LayerSizes:
 def model_sizes(cfg: ModelConfig, policy: Policy, device: str) -> tuple[LayerSizes, LayerSizes]:
     """(decoder layer, embedding + head) sizes under the policy's dtypes and compression."""
     store, comp = element_bytes(policy, device)
+    weight_comp = (policy.comp_weight_bits, policy.comp_weight_group, policy.comp_weight_dim)
+    cache_comp = (policy.comp_cache_bits, policy.comp_cache_group)
+    return _model_sizes(cfg, store, comp, weight_comp if policy.compress_weight else None,
+                        cache_comp if policy.compress_cache else None)
+
+
+@functools.lru_cache(maxsize=256)
+def _model_sizes(cfg: ModelConfig, store: int, comp: int, weight_comp: tuple[int, int, int] | None,
+                 cache_comp: tuple[int, int] | None) -> tuple[LayerSizes, LayerSizes]:
     specs = adapter_for(cfg).layer_specs(cfg)
 
     def weights(shapes: list[tuple[int, ...]]) -> tuple[float, float, float, int]:
@@ -154,22 +165,18 @@ def model_sizes(cfg: ModelConfig, policy: Policy, device: str) -> tuple[LayerSiz
             full += n * comp
             if len(shape) == 2:
                 mats += n
-            if policy.compress_weight and len(shape) == 2:
-                stored += compressed_nbytes(shape, policy.comp_weight_bits, policy.comp_weight_group,
-                                            policy.comp_weight_dim)
-            else:
-                stored += n * store
-        return stored, (full if policy.compress_weight else stored), full, mats
+            stored += compressed_nbytes(shape, *weight_comp) if weight_comp and len(shape) == 2 else n * store
+        return stored, (full if weight_comp else stored), full, mats
 
     decoder = next(s for s in specs if s.kind == "decoder")
     w_st, w_read, w_full, mats = weights(list(decoder.shapes.values()))
     kv_dim = cfg.kv_heads * cfg.head_dim
-    kv_row = (compressed_nbytes((kv_dim,), policy.comp_cache_bits, policy.comp_cache_group)
-              if policy.compress_cache else kv_dim * store)
+    kv_row = compressed_nbytes((kv_dim,), *cache_comp) if cache_comp else kv_dim * store
     layer = LayerSizes(w_st, w_read, w_full, 2.0 * mats, comp, hidden=cfg.hidden, kv_elems=2 * kv_dim,
                        kv_bytes=2.0 * kv_row, attn_dim=cfg.n_heads * cfg.head_dim, ffn=cfg.ffn)
-    x_st, x_read, x_full, _ = weights([v for s in specs if s.kind != "decoder" for v in s.shapes.values()])
-    extra = LayerSizes(x_st, x_read, x_full, 2.0 * cfg.vocab_size * cfg.embed_dim, comp)
+    x_st, _, x_full, _ = weights([v for s in specs if s.kind != "decoder" for v in s.shapes.values()])
+    _, head_read, _, head_mats = weights([(cfg.vocab_size, cfg.embed_dim)])  # only lm_head is a matmul
+    extra = LayerSizes(x_st, head_read, x_full, 2.0 * head_mats, comp, engine_layers=2)
     return layer, extra
 
 
@@ -195,7 +202,10 @@ def _cpu_attn_rate(hw: HardwareProfile, gpu_batch: int, hidden: int) -> float:
     return max(0.1, 1 + c1 * a * b - c2 * a - c3 * b) * hw.cpu_attn_flops
 
 
-def _stage(ctog: Lin, gtoc: Lin, dtoc: Lin, ctod: Lin, compute: Expr, *, decode: bool, overlap: bool) -> Expr:
+def _stage(hw: HardwareProfile, ctog: Lin, gtoc: Lin, dtoc: Lin, ctod: Lin, compute: Expr, *, decode: bool,
+           overlap: bool) -> Expr:
+    if hw.shared_host_memory:  # both memory tiers are host RAM, which the engine uses in place
+        ctog = gtoc = Lin()
     if not overlap:
         return Sum((ctog, gtoc, dtoc, ctod, compute))
     if decode:
@@ -203,11 +213,12 @@ def _stage(ctog: Lin, gtoc: Lin, dtoc: Lin, ctod: Lin, compute: Expr, *, decode:
     return Max((ctog + dtoc, gtoc + ctod, compute))
 
 
-def _matmuls(hw: HardwareProfile, size: LayerSizes, block: Block, tokens_per_row: int, rate: float) -> Max:
-    """Every GPU batch's matmuls: compute-bound or weight-streaming-bound, whichever is slower."""
+def _matmuls(hw: HardwareProfile, size: LayerSizes, block: Block, tokens_per_row: int, rate: float) -> Sum:
+    """Every GPU batch's matmuls, compute- or weight-streaming-bound, plus the fixed per-layer cost."""
     k = block.num_gpu_batches
     flops = block.gpu_batch_size * tokens_per_row * size.flops_per_token
-    return Max((Lin(k * flops / rate), Lin(k * size.weight_read_bytes / hw.gpu_mem_bw)))
+    overhead = k * size.engine_layers * hw.layer_overhead_s
+    return Sum((Max((Lin(k * flops / rate), Lin(k * size.weight_read_bytes / hw.gpu_mem_bw))), Lin(overhead)))
 
 
 def layer_times(hw: HardwareProfile, size: LayerSizes, block: Block, policy: Policy,
@@ -217,12 +228,15 @@ def layer_times(hw: HardwareProfile, size: LayerSizes, block: Block, policy: Pol
     `prompt_tokens` is how many prompt positions the layer computes in prefill (the head only needs
     the last one); it defaults to the prompt length.
     """
-    b, s, k = block.rows, block.prompt_len, block.num_gpu_batches
+    b, s = block.rows, block.prompt_len
     s_in = s if prompt_tokens is None else prompt_tokens
     w_off, w_disk = frac("wc", "wd"), frac("wd")
     h_off, h_disk = frac("hc", "hd"), frac("hd")
     c_off, c_disk = frac("cc", "cd"), frac("cd")
-    dq_weights = k * size.weight_full_bytes / hw.dequant_bw if policy.compress_weight else 0.0
+    # flexhelm decodes compressed weights once per layer load for all GPU batches; FlexGen's runtime
+    # (which the t4-paper constants describe) decodes them again for every GPU batch
+    decodes = block.num_gpu_batches if hw.runtime == "flexgen" else 1
+    dq_weights = decodes * size.weight_full_bytes / hw.dequant_bw if policy.compress_weight else 0.0
 
     # prefill: every prompt position of every row passes through the layer once
     act = b * s_in * size.hidden_bytes
@@ -230,6 +244,7 @@ def layer_times(hw: HardwareProfile, size: LayerSizes, block: Block, policy: Pol
     encode = b * s * size.kv_elems * size.elem_bytes / hw.dequant_bw if policy.compress_cache else 0.0
     attn = b * s * s * 4 * size.attn_dim / hw.bmm_prefill_flops  # FlexGen's 4*s^2*h FLOPs, unmasked
     prefill = _stage(
+        hw,
         ctog=(size.weight_bytes * w_off + act * h_off) / hw.ctog_bw,
         gtoc=cache * c_off / hw.gtoc_cache_bw + act * h_off / hw.gtoc_act_bw,
         dtoc=(size.weight_bytes * w_disk + act * h_disk) / hw.dtoc_bw,
@@ -261,6 +276,7 @@ def layer_times(hw: HardwareProfile, size: LayerSizes, block: Block, policy: Pol
         ctog = ctog + read * c_off / hw.ctog_bw
         gtoc = gtoc + new * c_off / hw.gtoc_cache_bw
     decode = _stage(
+        hw,
         ctog=ctog, gtoc=gtoc,
         dtoc=(size.weight_bytes * w_disk + act * h_disk + read * c_disk) / hw.dtoc_bw,
         ctod=new * c_disk / hw.ctod_cache_bw + act * h_disk / hw.ctod_bw,

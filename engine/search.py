@@ -44,6 +44,7 @@ NUM_GPU_BATCHES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 # Capacity kept free on every tier. FlexGen ran its OPT-30B policy with the T4 nearly full; this
 # cost model puts that policy at 96% of 16 GiB, so a larger margin would rule out the paper's policy.
 MEMORY_MARGIN = 0.03
+_TIE_BREAK = 1e-4  # seconds per unit fraction one tier further from the device
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ class _Program:
             self.rows.append(self.linearize(part) + z * -1.0)
         return z
 
-    def solve(self, objective: Lin) -> list[float] | None:
+    def solve(self, objective: Lin) -> tuple[list[float], float] | None:
+        """Fractions and objective value at the optimum, or None when infeasible."""
         def dense(lin: Lin) -> np.ndarray:
             v = np.zeros(self.n_vars)
             for i, c in lin.coef.items():
@@ -90,13 +92,18 @@ class _Program:
 
         a_ub = np.array([dense(r) for r in self.rows])
         b_ub = np.array([-r.const for r in self.rows])
+        scale = np.maximum(np.abs(a_ub).max(axis=1), np.abs(b_ub))  # bytes and seconds differ by 1e12
+        scale[scale == 0] = 1.0
+        a_ub, b_ub = a_ub / scale[:, None], b_ub / scale
         a_eq = np.zeros((3, self.n_vars))
         for k in range(3):
             a_eq[k, 3 * k:3 * k + 3] = 1.0
         bounds = [(0.0, 1.0)] * len(FRACTIONS) + [(0.0, None)] * (self.n_vars - len(FRACTIONS))
-        res = linprog(dense(objective), A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=np.ones(3), bounds=bounds,
-                      method="highs")
-        return list(res.x[:len(FRACTIONS)]) if res.status == 0 else None
+        # ties (a share that costs nothing where it is) go to the faster tier
+        tie_break = dense(Lin(0.0, {i: _TIE_BREAK * (i % 3) for i in range(len(FRACTIONS))}))
+        res = linprog(dense(objective) + tie_break, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=np.ones(3),
+                      bounds=bounds, method="highs")
+        return (list(res.x[:len(FRACTIONS)]), objective.value(list(res.x))) if res.status == 0 else None
 
 
 def capacities(hw: HardwareProfile, gpu_mem: int | None = None, cpu_mem: int | None = None,
@@ -107,8 +114,8 @@ def capacities(hw: HardwareProfile, gpu_mem: int | None = None, cpu_mem: int | N
 
 
 def _solve_block(cfg: ModelConfig, hw: HardwareProfile, policy: Policy, prompt_len: int, gen_len: int,
-                 capacity: dict[str, int], margin: float) -> Policy | None:
-    """The best placement for this block shape, or None when nothing fits."""
+                 capacity: dict[str, int], margin: float) -> tuple[Policy, float] | None:
+    """The best placement for this block shape and its predicted time, or None when nothing fits."""
     program = _Program()
     objective = program.linearize(time_model(cfg, hw, policy, prompt_len, gen_len).total)
     tiers = memory_model(cfg, policy, prompt_len, gen_len, hw.device)
@@ -117,12 +124,13 @@ def _solve_block(cfg: ModelConfig, hw: HardwareProfile, policy: Policy, prompt_l
         program.rows += [e + (-usable[tier]) for e in tiers[tier]]
     if hw.shared_host_memory:  # the "gpu" tier is host memory as well
         program.rows += [g + c + (-usable["cpu"]) for g, c in zip(tiers["gpu"], tiers["cpu"], strict=True)]
-    x = program.solve(objective)
-    if x is None:
+    solved = program.solve(objective)
+    if solved is None:
         return None
+    x, seconds = solved
     # percentages rounded down to 0.1%: what is shaved off a tier moves to disk, never onto a full tier
     pct = [math.floor(x[i] * 1000 + 1e-6) / 10 for i in (0, 1, 3, 4, 6, 7)]
-    return policy.with_percent(*pct)
+    return policy.with_percent(*pct), seconds
 
 
 def _fits(peak: dict[str, int], capacity: dict[str, int], hw: HardwareProfile, slack: float) -> bool:
@@ -141,24 +149,24 @@ def search_policy(cfg: ModelConfig, hardware: HardwareProfile, *, prompt_len: in
     """
     capacity = capacities(hardware, gpu_mem, cpu_mem, disk_mem)
     base = dataclasses.replace(base or Policy(), compress_weight=compress_weight, compress_cache=compress_cache)
-    best: tuple[float, Policy, Prediction] | None = None
+    best: tuple[float, Policy] | None = None
     for cpu_cache_compute in (False, True):
         for gbs in GPU_BATCH_SIZES:
-            for ngb in NUM_GPU_BATCHES:
+            for ngb in NUM_GPU_BATCHES:  # a larger block only needs more memory: stop at the first misfit
                 if max_block_size is not None and gbs * ngb > max_block_size:
-                    continue
+                    break
                 trial = dataclasses.replace(base, gpu_batch_size=gbs, num_gpu_batches=ngb,
                                             cpu_cache_compute=cpu_cache_compute)
-                policy = _solve_block(cfg, hardware, trial, prompt_len, gen_len, capacity, margin)
-                if policy is None:
-                    continue
-                pred = predict(cfg, hardware, policy, prompt_len, gen_len)
-                if best is None or pred.throughput_tok_s > best[0]:
-                    best = (pred.throughput_tok_s, policy, pred)
+                solved = _solve_block(cfg, hardware, trial, prompt_len, gen_len, capacity, margin)
+                if solved is None:
+                    break
+                policy, seconds = solved
+                if best is None or gbs * ngb / seconds > best[0]:
+                    best = (gbs * ngb / seconds, policy)
     if best is None:
         raise UserError(_shortfall(cfg, hardware, base, prompt_len, gen_len, capacity, margin))
-    _, policy, pred = best
-    return SearchResult(policy, pred.throughput_tok_s, pred.peak_bytes, pred, capacity)
+    pred = predict(cfg, hardware, best[1], prompt_len, gen_len)
+    return SearchResult(best[1], pred.throughput_tok_s, pred.peak_bytes, pred, capacity)
 
 
 def _shortfall(cfg: ModelConfig, hw: HardwareProfile, base: Policy, prompt_len: int, gen_len: int,
@@ -185,76 +193,6 @@ def _shortfall(cfg: ModelConfig, hw: HardwareProfile, base: Policy, prompt_len: 
             f"({capacity['gpu']} bytes less the {margin:.0%} margin); raise --gpu-mem or shorten the prompt")
 
 
-# -- the paper's table ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class PaperRow:
-    model: str
-    prompt_len: int
-    percent: tuple[float, ...]
-    gpu_batch_size: int
-    num_gpu_batches: int
-    cpu_cache_compute: bool
-    pin_weight: bool
-    compress: bool
-    paper_tok_s: float
-
-    def policy(self) -> Policy:
-        return Policy(gpu_batch_size=self.gpu_batch_size, num_gpu_batches=self.num_gpu_batches,
-                      cpu_cache_compute=self.cpu_cache_compute, pin_weight=self.pin_weight,
-                      compress_weight=self.compress, compress_cache=self.compress).with_percent(*self.percent)
-
-
-# FlexGen (Sheng et al., 2023), T4 16 GB, generation length 32. The 30B and 175B figures were
-# projected by FlexGen from 20 layer-steps.
-PAPER_ROWS = (
-    PaperRow("opt-6.7b", 512, (100, 0, 100, 0, 100, 0), 2, 1, False, True, False, 25.26),
-    PaperRow("opt-6.7b", 1024, (100, 0, 100, 0, 100, 0), 1, 1, False, True, False, 13.72),
-    PaperRow("opt-30b", 512, (20, 80, 0, 100, 0, 100), 48, 3, True, True, False, 7.32),
-    PaperRow("opt-30b", 1024, (4, 96, 0, 100, 0, 100), 20, 4, True, True, False, 3.50),
-    PaperRow("opt-175b", 512, (0, 50, 0, 0, 0, 100), 32, 8, True, False, False, 0.69),
-    PaperRow("opt-175b", 1024, (0, 50, 0, 0, 0, 100), 12, 12, True, False, False, 0.35),
-    PaperRow("opt-6.7b", 512, (100, 0, 100, 0, 100, 0), 72, 1, False, True, True, 29.12),
-    PaperRow("opt-175b", 512, (0, 100, 0, 100, 0, 100), 48, 3, False, False, True, 1.12),
-)
-PAPER_GEN_LEN = 32
-
-
-def describe(policy: Policy) -> str:
-    pct = " ".join(f"{v:g}" for v in policy.percent)
-    flags = [f for f, on in (("cpu", policy.cpu_cache_compute), ("c", policy.compress_weight)) if on]
-    return f"{pct} {policy.gpu_batch_size}x{policy.num_gpu_batches}" + (f" {','.join(flags)}" if flags else "")
-
-
-def paper_table(hardware: HardwareProfile | None = None) -> list[dict]:
-    """Each paper policy predicted on the t4-paper profile, and the searched policy for its setup."""
-    hw = hardware or load_hardware("t4-paper")
-    rows = []
-    for row in PAPER_ROWS:
-        cfg = named_config(row.model)
-        paper = predict(cfg, hw, row.policy(), row.prompt_len, PAPER_GEN_LEN)
-        found = search_policy(cfg, hw, prompt_len=row.prompt_len, gen_len=PAPER_GEN_LEN,
-                              compress_weight=row.compress, compress_cache=row.compress)
-        rows.append({"model": row.model + (" c" if row.compress else ""),
-                     "prompt/gen": f"{row.prompt_len}/{PAPER_GEN_LEN}", "paper policy": describe(row.policy()),
-                     "paper tok/s": row.paper_tok_s, "predicted tok/s": paper.throughput_tok_s,
-                     "error": paper.throughput_tok_s / row.paper_tok_s - 1, "searched policy": describe(found.policy),
-                     "searched tok/s": found.throughput_tok_s})
-    return rows
-
-
-def _markdown(rows: list[dict]) -> str:
-    def cell(key: str, v: object) -> str:
-        if key == "error":
-            return f"{v:+.1%}"
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-    head = list(rows[0])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(cell(k, r[k]) for k in head) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 # -- CLI ------------------------------------------------------------------------------------------
 
 def _gib(n: float) -> str:
@@ -274,6 +212,26 @@ def _report(cfg: ModelConfig, hw: HardwareProfile, policy: Policy, pred: Predict
     return "\n".join(lines)
 
 
+def _checks(args: argparse.Namespace) -> None:
+    from engine import search_validation as checks
+
+    if args.paper_table:
+        hw = load_hardware("t4-paper" if args.hardware == "local" else args.hardware)
+        print(checks.markdown(checks.paper_table(hw)))
+        return
+    if args.reprofile:
+        from engine.hardware import local_cache, write_profile
+        from engine.profile import measure
+
+        write_profile(measure(args.offload_dir), local_cache())
+    hw = load_hardware(args.hardware)
+    rows, summary = checks.validate_local(hw, args.model if args.model != "opt-30b" else "opt-1.3b",
+                                          args.num_prompts, args.prompt_len, args.gen_len, args.offload_dir)
+    print(checks.markdown(rows))
+    print(f"median |error| {summary['median_abs_rel_error']:.1%}; searched policy measures "
+          f"{summary['searched_over_best_hand']:.0%} of the best hand policy ({summary['best_hand']})")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m engine.search", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="opt-30b", help="named config, e.g. opt-30b")
@@ -289,16 +247,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--paper-table", action="store_true",
                         help="predict FlexGen's published policies on t4-paper and search their setups")
     parser.add_argument("--validate-local", action="store_true",
-                        help="run OPT-1.3B dummy policies on this machine: predicted vs measured")
+                        help="run OPT-1.3B dummy policies on this machine: predicted vs measured "
+                             "(use with --prompt-len 16 --gen-len 8 for a run of a few minutes)")
+    parser.add_argument("--num-prompts", type=int, default=16, help="prompts per --validate-local run")
+    parser.add_argument("--reprofile", action="store_true", help="re-measure this machine before --validate-local")
     add_policy_args(parser)
     args = parser.parse_args(argv)
-    if args.paper_table:
-        print(_markdown(paper_table(load_hardware(args.hardware if args.hardware != "local" else "t4-paper"))))
-        return
-    if args.validate_local:
-        from engine.validate_local import main as validate
-
-        validate(args)
+    if args.paper_table or args.validate_local:
+        _checks(args)
         return
     if args.prompt_len < 1 or args.gen_len < 1:
         raise UserError("--prompt-len and --gen-len must be positive")

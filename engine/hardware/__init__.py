@@ -18,7 +18,13 @@ from engine.errors import UserError
 from engine.policy import parse_size
 
 PRESET_DIR = Path(__file__).parent
-LOCAL_CACHE = Path("~/.cache/flexhelm/hardware.json")
+
+
+def local_cache() -> Path:
+    """Where the measured profile of this machine is kept (under $FLEXHELM_CACHE if set)."""
+    from engine.checkpoint import cache_root
+
+    return cache_root() / "hardware.json"
 
 _RATE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([KMGT]?)(i?)B?\s*(?:/s)?\s*$", re.IGNORECASE)
 
@@ -64,6 +70,8 @@ class HardwareProfile:
     dequant_bw: float  # decompressed bytes per second on the compute device
     cpu_dequant_bw: float  # the same next to a host-memory cache (cpu_cache_compute)
     cpu_small_batch: tuple[float, float, float] = (0.0, 0.0, 0.0)  # FlexGen's c1, c2, c3
+    layer_overhead_s: float = 0.0  # fixed cost of running one layer for one GPU batch (launches, Python)
+    runtime: str = "flexhelm"  # the engine the constants describe: "flexhelm", or "flexgen" for fitted ones
     notes: str = ""
     measured: dict = field(default_factory=dict, compare=False)
 
@@ -92,8 +100,9 @@ class HardwareProfile:
             raise UserError(f"hardware profile {source}: " + "; ".join(
                 ([f"unknown fields {unknown}"] if unknown else []) + ([f"missing fields {missing}"] if missing else []))
                 + f"; see the presets in {PRESET_DIR}")
-        if data["device"] not in ("cuda", "cpu"):
-            raise UserError(f"hardware profile {source}: device must be 'cuda' or 'cpu', got {data['device']!r}")
+        for key, allowed in (("device", ("cuda", "cpu")), ("runtime", ("flexhelm", "flexgen"))):
+            if data.get(key, allowed[0]) not in allowed:
+                raise UserError(f"hardware profile {source}: {key} must be one of {allowed}, got {data[key]!r}")
         values = dict(data)
         for f in ("gpu_mem", "cpu_mem", "disk_mem"):
             values[f] = parse_size(values[f])
@@ -138,7 +147,7 @@ def load_hardware(name_or_path: str | Path) -> HardwareProfile:
     """A preset by name, "local" (this machine, measured and cached on first use) or a JSON path."""
     key = str(name_or_path)
     if key == "local":
-        cached = LOCAL_CACHE.expanduser()
+        cached = local_cache()
         if not cached.is_file():
             from engine.profile import measure
 
