@@ -92,11 +92,11 @@ def own_cgroup_path(proc_cgroup: str, version: str) -> str:
     return ""
 
 
-def create_memory_cgroup(name: str, root: Path = CGROUP_ROOT) -> MemoryCgroup:
-    """Create a memory cgroup below our own one (so the machine's own limits still apply).
+def create_memory_cgroup(prefix: str, root: Path = CGROUP_ROOT) -> MemoryCgroup:
+    """Create the memory cgroup `prefix-<pid>` below our own one (so the machine's own limits still apply).
 
-    Falls back to no cgroup, with the reason in `note`, where the hierarchy is read-only
-    or has no memory controller.
+    Empty groups of the same prefix left by killed runs are removed. Falls back to no cgroup, with
+    the reason in `note`, where the hierarchy is read-only or has no memory controller.
     """
     proc = Path("/proc/self/cgroup").read_text()
     candidates = []
@@ -106,8 +106,13 @@ def create_memory_cgroup(name: str, root: Path = CGROUP_ROOT) -> MemoryCgroup:
         candidates.append(("v1", root / "memory" / own_cgroup_path(proc, "v1")))
     reasons = []
     for version, parent in candidates:
-        path = parent / name
+        path = parent / f"{prefix}-{os.getpid()}"
         try:
+            for stale in parent.glob(f"{prefix}-*"):
+                owner = stale.name.rsplit("-", 1)[-1]
+                if not (owner.isdigit() and Path(f"/proc/{owner}").exists()):
+                    with contextlib.suppress(OSError):  # rmdir refuses a group that still has processes
+                        stale.rmdir()
             path.mkdir(exist_ok=True)
             probe = "memory.max" if version == "v2" else "memory.limit_in_bytes"
             if not (path / probe).is_file():
@@ -170,18 +175,22 @@ def run_child(argv: Sequence[str], *, env: dict[str, str], cpus: set[int], cgrou
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(list(argv), env=env, stdout=log, stderr=subprocess.STDOUT,
                                 preexec_fn=enter, start_new_session=True)
-        timed_out = False
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() - start > timeout_s:
-                timed_out = True
+        timed_out, reaped = False, False
+        try:
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    reaped = True
+                    break
+                if time.monotonic() - start > timeout_s:
+                    timed_out = True
+                    break
+                time.sleep(POLL_S)
+        finally:  # on a timeout, and when we are interrupted: the child's session must not outlive us
+            if not reaped:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 _, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(POLL_S)
         proc.returncode = os.waitstatus_to_exitcode(status)  # we reaped it; tell Popen
     return ChildOutcome(
         returncode=proc.returncode, timed_out=timed_out, wall_s=time.monotonic() - start,

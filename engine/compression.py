@@ -11,8 +11,10 @@ One encoded row is self-contained, so the KV cache can append and read single to
 
 The stored minimum is rounded down to fp16 and the stored step up, so every value of a group lies
 inside [min, min + (2^b − 1)·Δ] as stored and the round-trip error is at most Δ/2 plus fp32 noise.
-Values beyond the fp16 range (|x| > 65504) saturate instead of turning into inf or nan.
-All work is whole-tensor torch ops (no Python loop over rows or groups), so it runs on any device.
+Inputs beyond the fp16 range (|x| > 65504) are clamped to it, so no group parameter becomes inf or nan.
+All work is whole-tensor torch ops over blocks of rows (no Python loop over rows or groups), on any
+device. Grouping along a weight's output dimension (dim=0) encodes its transpose, which costs one
+transposed copy of the weight at encode time and nothing at decode time.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def _lane_mask(lane_bits: int, lo: int, hi: int) -> int:
 
 
 @functools.cache
-def _stages(bits: int) -> tuple[list[tuple[int, int, int, int]], int, int]:
+def _stages(bits: int) -> tuple[list[tuple[int, int, int, int, int]], int, int]:
     """Stages (value bits in, lane bits out, keep mask, pack mask, unpack mask), lane bytes, value bytes."""
     stages, value_bits, lane_bits = [], bits, 8
     while value_bits % 8:
@@ -89,13 +91,16 @@ def _stages(bits: int) -> tuple[list[tuple[int, int, int, int]], int, int]:
 _LANE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _pack(codes: torch.Tensor, bits: int, dest: torch.Tensor) -> None:
-    """Pack uint8 codes (n, 8k), overwritten as scratch, into dest: the first bytes of each packed row."""
+def _pack(codes: torch.Tensor, bits: int, dest: torch.Tensor, moved: torch.Tensor) -> None:
+    """Pack uint8 codes (n, 8k) into dest, the first bytes of each packed row.
+
+    `codes` is overwritten and `moved` (int64, (n, k)) is scratch, so a block allocates nothing.
+    """
     n, width = codes.shape
     lanes = codes.view(torch.int64)
     stages, lane_bytes, value_bytes = _stages(bits)
     for value_bits, lane_bits, keep, move, _ in stages:
-        moved = (lanes >> (lane_bits // 2 - value_bits)).bitwise_and_(move)
+        torch.bitwise_right_shift(lanes, lane_bits // 2 - value_bits, out=moved).bitwise_and_(move)
         lanes.bitwise_and_(keep).bitwise_or_(moved)
     if value_bytes == 1:  # one byte per lane (2, 4 and 8 bits): a narrowing integer copy keeps it
         dest.copy_(codes.view(_LANE_INT[lane_bytes])[:, :dest.shape[1]])
@@ -104,23 +109,26 @@ def _pack(codes: torch.Tensor, bits: int, dest: torch.Tensor) -> None:
         dest.copy_(packed.reshape(n, width * bits // 8)[:, :dest.shape[1]])
 
 
-def _unpack(packed: torch.Tensor, bits: int, width: int) -> torch.Tensor:
-    """uint8 bytes (n, ≤ bits·width/8), the packed part of rows -> uint8 codes (n, width)."""
+def _unpack(packed: torch.Tensor, bits: int, codes: torch.Tensor, moved: torch.Tensor) -> None:
+    """Unpack the packed part of rows (n, ≤ bits·k) into uint8 codes (n, 8k); `moved` as in _pack.
+
+    Nothing is zeroed first: the stages' masks drop whatever sits above a lane's value bytes, and
+    lanes past the packed bytes only yield codes past the row's end, which the caller discards.
+    """
     n, packed_len = packed.shape
     stages, lane_bytes, value_bytes = _stages(bits)
-    codes = torch.zeros(n, width, dtype=torch.uint8, device=packed.device)
-    if value_bytes == 1:  # a widening integer copy puts each byte at the bottom of its zeroed lane
+    if value_bytes == 1:  # a widening integer copy puts each byte at the bottom of its lane
         codes.view(_LANE_INT[lane_bytes])[:, :packed_len] = packed
     else:
-        whole = torch.zeros(n, width * bits // 8, dtype=torch.uint8, device=packed.device)
-        whole[:, :packed_len] = packed
-        lanes = width // lane_bytes
-        codes.view(n, lanes, lane_bytes)[..., :value_bytes] = whole.view(n, lanes, value_bytes)
+        lanes = codes.view(n, codes.shape[1] // lane_bytes, lane_bytes)
+        full, rest = divmod(packed_len, value_bytes)
+        lanes[:, :full, :value_bytes] = packed[:, :full * value_bytes].view(n, full, value_bytes)
+        if rest:
+            lanes[:, full, :rest] = packed[:, full * value_bytes:]
     lanes = codes.view(torch.int64)
     for value_bits, lane_bits, keep, _, back in reversed(stages):
-        moved = (lanes << (lane_bits // 2 - value_bits)).bitwise_and_(back)
+        torch.bitwise_left_shift(lanes, lane_bits // 2 - value_bits, out=moved).bitwise_and_(back)
         lanes.bitwise_and_(keep).bitwise_or_(moved)
-    return codes
 
 
 # -- per-group parameters ----------------------------------------------------------------------------
@@ -141,7 +149,7 @@ def _group_params(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[
 # Rows go through in blocks whose fp32 scratch is allocated once per call and reused: on a CPU a block
 # stays cache-sized and no large buffer is freshly allocated (page faults) per step; on a GPU the block
 # bounds the temporary memory. The loop runs over blocks of many rows, never over single rows or groups.
-_BLOCK_VALUES = {"cpu": 1 << 18}
+_BLOCK_VALUES = {"cpu": 1 << 20}  # 4 MB of fp32 scratch: stays in L3
 _DEFAULT_BLOCK_VALUES = 1 << 24
 
 
@@ -165,6 +173,7 @@ def encode_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     block_rows, blocks = _blocks(rows.shape[0], m, x.device)
     scratch = torch.empty(block_rows, num_groups * g, device=x.device)
     codes_scratch = torch.zeros(block_rows, -(-m // 8) * 8, dtype=torch.uint8, device=x.device)
+    moved_scratch = torch.empty(block_rows, -(-m // 8), dtype=torch.int64, device=x.device)
     for block in blocks:
         n = rows[block].shape[0]
         values = scratch[:n]
@@ -180,7 +189,7 @@ def encode_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         groups.add_(_ROUND_MAGIC)
         codes = codes_scratch[:n]
         codes[:, :m] = values.view(torch.int32)[:, :m]  # the zero tail stays zero: packing moves bits down
-        _pack(codes, spec.bits, out[block, :packed_len])
+        _pack(codes, spec.bits, out[block, :packed_len], moved_scratch[:n])
         out[block, packed_len:packed_len + 2 * num_groups] = mn.view(torch.uint8)
         out[block, packed_len + 2 * num_groups:] = step.view(torch.uint8)
     return out.reshape(*x.shape[:-1], nbytes)
@@ -216,10 +225,13 @@ def decode_rows(data: torch.Tensor, m: int, spec: QuantSpec, dtype: torch.dtype,
     direct = dtype == torch.float32 and num_groups * g == m  # no scratch: compute in the output
     block_rows, blocks = _blocks(rows.shape[0], m, data.device)
     scratch = None if direct else torch.empty(block_rows, num_groups * g, device=data.device)
+    codes_scratch = torch.empty(block_rows, width, dtype=torch.uint8, device=data.device)
+    moved_scratch = torch.empty(block_rows, width // 8, dtype=torch.int64, device=data.device)
     for block in blocks:
         n = rows[block].shape[0]
         values = out[block] if direct else scratch[:n]
-        codes = _unpack(rows[block, :packed_len], spec.bits, width)[:, :num_groups * g]
+        _unpack(rows[block, :packed_len], spec.bits, codes_scratch[:n], moved_scratch[:n])
+        codes = codes_scratch[:n, :num_groups * g]
         mn = _fp16_field(rows[block, packed_len:packed_len + 2 * num_groups])
         step = _fp16_field(rows[block, packed_len + 2 * num_groups:])
         groups = values.view(n, num_groups, g)
@@ -258,9 +270,9 @@ def decode_weight(data: torch.Tensor, shape: tuple[int, int], spec: QuantSpec, d
                   dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantize a flat encoded weight back to `shape` and `dtype`.
 
-    With dim=0 the result is a transposed view, (in, out)-contiguous, which is the layout
-    `F.linear` multiplies fastest; call .contiguous() if a row-major copy is needed. `out` is a
-    buffer to reuse, laid out like the result (with dim=0, the .t() of a contiguous (in, out) tensor).
+    With dim=0 the result is a transposed view of a contiguous (in, out) tensor, which `F.linear`
+    takes without a copy; call .contiguous() where a row-major copy is needed. `out` is a buffer to
+    reuse, laid out like the result (with dim=0, the .t() of a contiguous (in, out) tensor).
     """
     n, m = _weight_rows(tuple(shape), dim)
     if data.numel() != n * row_nbytes(m, spec):

@@ -290,8 +290,6 @@ class TimeModel:
 
     prefill: Expr
     decode: Expr
-    rows: int
-    gen_len: int
 
     @property
     def total(self) -> Sum:
@@ -307,7 +305,7 @@ def time_model(cfg: ModelConfig, hw: HardwareProfile, policy: Policy, prompt_len
     steps = max(0, gen_len - 1)
     prefill = Sum((Scale(cfg.n_layers, pre), head_pre))
     decode = Scale(steps, Sum((Scale(cfg.n_layers, dec), head_dec)))
-    return TimeModel(prefill, decode, block.rows, gen_len)
+    return TimeModel(prefill, decode)
 
 
 # -- memory ---------------------------------------------------------------------------------------
@@ -387,5 +385,5 @@ def predict(cfg: ModelConfig, hardware: HardwareProfile, policy: Policy, prompt_
     model = time_model(cfg, hardware, policy, prompt_len, gen_len)
     x = policy_fractions(policy)
     prefill, decode = evaluate(model.prefill, x), evaluate(model.decode, x)
-    return Prediction(model.rows * gen_len / (prefill + decode), prefill, decode,
+    return Prediction(policy.block_size * gen_len / (prefill + decode), prefill, decode,
                       peak_memory(cfg, policy, prompt_len, gen_len, hardware.device))

@@ -152,7 +152,9 @@ class LayerCache:
             else:
                 encoded = [seg.codec.encode(rows) for rows in new]
                 self.pending.append(rt.submit(_write_rows, (seg.k, seg.v), offset, encoded))
-                new_dev = [rows.to(seg.device, rt.compute_dtype) for rows in new]
+                # attention sees exactly what the cache holds: compressed rows round-trip the codec
+                new_dev = [seg.codec.decode(e, seg.device, rt.compute_dtype) if seg.codec.quant is not None
+                           else rows.to(seg.device, rt.compute_dtype) for e, rows in zip(encoded, new, strict=True)]
                 full = new_dev if old is None else [torch.cat(p) for p in zip(old, new_dev, strict=True)]
             kk, vv = (x.view(t0 + s, b, h1 - h0, -1).permute(1, 0, 2, 3) for x in full)
             qq = q[:, :, h0 * group:h1 * group].to(seg.device)

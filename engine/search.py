@@ -40,7 +40,7 @@ from engine.hardware import HardwareProfile, load_hardware
 from engine.policy import TIERS, Policy, add_policy_args, parse_size, policy_from_args
 
 GPU_BATCH_SIZES = (1, 2, 4, 8, 12, 16, 20, 24, 32, 36, 48, 64, 72, 96, 128, 192, 256)
-NUM_GPU_BATCHES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+NUM_GPU_BATCHES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # Capacity kept free on every tier. FlexGen ran its OPT-30B policy with the T4 nearly full; this
 # cost model puts that policy at 96% of 16 GiB, so a larger margin would rule out the paper's policy.
 MEMORY_MARGIN = 0.03
@@ -152,17 +152,24 @@ def search_policy(cfg: ModelConfig, hardware: HardwareProfile, *, prompt_len: in
     best: tuple[float, Policy] | None = None
     for cpu_cache_compute in (False, True):
         for gbs in GPU_BATCH_SIZES:
-            for ngb in NUM_GPU_BATCHES:  # a larger block only needs more memory: stop at the first misfit
+            previous = 0.0
+            for ngb in NUM_GPU_BATCHES:
                 if max_block_size is not None and gbs * ngb > max_block_size:
                     break
                 trial = dataclasses.replace(base, gpu_batch_size=gbs, num_gpu_batches=ngb,
                                             cpu_cache_compute=cpu_cache_compute)
                 solved = _solve_block(cfg, hardware, trial, prompt_len, gen_len, capacity, margin)
-                if solved is None:
+                if solved is None:  # a larger block only needs more memory
                     break
                 policy, seconds = solved
-                if best is None or gbs * ngb / seconds > best[0]:
-                    best = (gbs * ngb / seconds, policy)
+                throughput = gbs * ngb / seconds
+                if best is None or throughput > best[0]:
+                    best = (throughput, policy)
+                if throughput < previous:  # past the peak over num_gpu_batches (FlexGen's rule)
+                    break
+                previous = throughput
+            if previous == 0.0 and solved is None:  # not one GPU batch of this size fits: no larger one will
+                break
     if best is None:
         raise UserError(_shortfall(cfg, hardware, base, prompt_len, gen_len, capacity, margin))
     pred = predict(cfg, hardware, best[1], prompt_len, gen_len)
@@ -248,8 +255,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="predict FlexGen's published policies on t4-paper and search their setups")
     parser.add_argument("--validate-local", action="store_true",
                         help="run OPT-1.3B dummy policies on this machine: predicted vs measured "
-                             "(use with --prompt-len 16 --gen-len 8 for a run of a few minutes)")
-    parser.add_argument("--num-prompts", type=int, default=16, help="prompts per --validate-local run")
+                             "(use with --prompt-len 32 --gen-len 8 for a run of a few minutes)")
+    parser.add_argument("--num-prompts", type=int, default=8, help="prompts per --validate-local run")
     parser.add_argument("--reprofile", action="store_true", help="re-measure this machine before --validate-local")
     add_policy_args(parser)
     args = parser.parse_args(argv)

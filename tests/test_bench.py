@@ -193,3 +193,19 @@ def test_bad_options_are_one_line_user_errors():
         _args("--systems", "hf,vllm")
     with pytest.raises(UserError, match="positive"):
         _args("--batches", "0,8")
+
+
+def test_a_child_that_overruns_its_timeout_is_killed_and_reported(tmp_path):
+    import time
+
+    from engine.bench_isolation import run_child
+
+    none = MemoryCgroup(None, "none", "test")
+    start = time.monotonic()
+    out = run_child(["sleep", "60"], env={}, cpus={0}, cgroup=none, limit_bytes=None, timeout_s=0.3,
+                    log_path=tmp_path / "log")
+    assert out.timed_out and out.returncode == -9 and time.monotonic() - start < 5
+    ok = run_child(["grep", "Cpus_allowed_list", "/proc/self/status"], env={}, cpus={0}, cgroup=none,
+                   limit_bytes=None, timeout_s=30, log_path=tmp_path / "log")
+    assert not ok.timed_out and ok.returncode == 0 and ok.max_rss_bytes > 0
+    assert (tmp_path / "log").read_text().split() == ["Cpus_allowed_list:", "0"]  # pinned as asked

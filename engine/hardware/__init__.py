@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,6 +152,8 @@ def load_hardware(name_or_path: str | Path) -> HardwareProfile:
         if not cached.is_file():
             from engine.profile import measure
 
+            print(f"measuring this machine once for the cost model (about a minute); cached in {cached}",
+                  file=sys.stderr, flush=True)
             write_profile(measure(), cached)
         return read_profile(cached)
     if key in preset_names():
