@@ -1,0 +1,139 @@
+"""Quantize and dequantize throughput of the group-wise codec on weight-sized tensors.
+
+Throughput is GB/s of fp32 values (4 bytes per element) in either direction: quantize reads an fp32
+weight, dequantize writes one. The peer in the same run is a plain copy of the same fp32 tensor, into
+a fresh tensor (clone) and into a reused buffer (copy_), so the ratios show what the codec costs
+beyond moving the bytes. Dequantize is timed both into a fresh tensor and into a reused buffer (`out=`),
+because on a CPU the page faults of a fresh allocation can cost as much as the decoding itself.
+
+    python -m engine.bench_quant                       # 2048x8192, 4/64 3/64 2/64 8/64, both dims
+    python -m engine.bench_quant --specs 4/64,4/128 --shape 4096x4096 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from tqdm import tqdm
+
+from engine.bench_report import markdown_table
+from engine.compression import QuantSpec, decode_weight, encode_weight, weight_nbytes
+from engine.errors import UserError, cli_main
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    try:
+        rows, cols = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--shape must look like 2048x8192, got {text!r}") from None
+    if rows < 1 or cols < 1:
+        raise UserError(f"--shape needs positive sizes, got {text!r}")
+    return rows, cols
+
+
+def parse_specs(text: str) -> list[QuantSpec]:
+    specs = []
+    for item in text.split(","):
+        try:
+            bits, group = (int(v) for v in item.split("/"))
+        except ValueError:
+            raise UserError(f"--specs takes bits/group pairs such as 4/64,3/64, got {item!r}") from None
+        specs.append(QuantSpec(bits, group))
+    return specs
+
+
+def parse_devices(text: str) -> list[torch.device]:
+    devices = []
+    for name in text.split(","):
+        if name == "cuda" and not torch.cuda.is_available():
+            raise UserError("--devices asks for cuda, but no CUDA device is available; use --devices cpu")
+        if name not in ("cpu", "cuda"):
+            raise UserError(f"--devices takes cpu and/or cuda, got {name!r}")
+        devices.append(torch.device(name))
+    return devices
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median wall time of fn() after warmup calls, synchronising a GPU around each call."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_device(device: torch.device, shape: tuple[int, int], specs: list[QuantSpec], warmup: int,
+                 repeats: int) -> list[list[str]]:
+    """Table rows for one device: the copy peers, then every spec and grouping dimension."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    gb = w.numel() * 4 / 1e9
+    buffer = torch.empty_like(w)
+    clone_s = median_seconds(w.clone, device, warmup, repeats)
+    copy_s = median_seconds(lambda: buffer.copy_(w), device, warmup, repeats)
+    rows = [[device.type, "fp32 copy (peer)", "—", "4.0000", f"{gb / clone_s:.2f}", f"{gb / clone_s:.2f}",
+             f"{gb / copy_s:.2f}", "1.00", "1.00", "—"]]
+    cases = [(spec, dim) for spec in specs for dim in (0, 1)]
+    for spec, dim in tqdm(cases, desc=f"codec on {device.type}", leave=False):
+        data = encode_weight(w, spec, dim)
+        out = torch.empty(shape[::-1], device=device).t() if dim == 0 else torch.empty(shape, device=device)
+        enc_s = median_seconds(functools.partial(encode_weight, w, spec, dim), device, warmup, repeats)
+        decode = functools.partial(decode_weight, data, shape, spec, dim, torch.float32)
+        dec_s = median_seconds(decode, device, warmup, repeats)
+        reuse_s = median_seconds(functools.partial(decode, out=out), device, warmup, repeats)
+        w_hat = decode_weight(data, shape, spec, dim, torch.float32)
+        rel_rms = ((w_hat - w).pow(2).mean() / w.pow(2).mean()).sqrt().item()
+        rows.append([device.type, f"{spec.bits}-bit, group {spec.group}", str(dim),
+                     f"{weight_nbytes(shape, spec, dim) / w.numel():.4f}", f"{gb / enc_s:.2f}",
+                     f"{gb / dec_s:.2f}", f"{gb / reuse_s:.2f}", f"{clone_s / enc_s:.2f}",
+                     f"{copy_s / reuse_s:.2f}", f"{rel_rms:.4f}"])
+    return rows
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="2048x8192", help="weight shape, out x in (default %(default)s)")
+    parser.add_argument("--specs", default="4/64,3/64,2/64,8/64", help="bits/group pairs (default %(default)s)")
+    parser.add_argument("--devices", help="cpu and/or cuda, comma-separated (default: cpu, and cuda if any)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    shape, specs = parse_shape(args.shape), parse_specs(args.specs)
+    devices = parse_devices(args.devices or ("cpu,cuda" if torch.cuda.is_available() else "cpu"))
+    if (args.threads is not None and args.threads < 1) or args.repeats < 1 or args.warmup < 0:
+        raise UserError("--threads and --repeats must be positive and --warmup non-negative")
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    print(f"weight {shape[0]}x{shape[1]} fp32 ({shape[0] * shape[1] * 4 / 1e9:.3f} GB); torch "
+          f"{torch.__version__}, {torch.get_num_threads()} CPU threads; median of {args.repeats} after "
+          f"{args.warmup} warmup; GB/s counts fp32 bytes (4 per element) read or written")
+    for device in devices:
+        if device.type == "cuda":
+            print(f"cuda: {torch.cuda.get_device_name(device)}")
+    header = ["device", "codec", "dim", "bytes/elem", "quantize GB/s", "dequantize GB/s",
+              "dequantize into buffer GB/s", "quantize ÷ clone", "dequantize-into ÷ copy_", "rel. RMS error"]
+    body = [row for dev in devices for row in bench_device(dev, shape, specs, args.warmup, args.repeats)]
+    print(markdown_table(header, body))
+    print("dim 0 groups along the output dimension (FlexGen's default), dim 1 along the input dimension; "
+          "the peer row is an fp32 clone (fresh tensor) and copy_ (reused buffer); ratios are time of the "
+          "copy over time of the codec, so 0.5 means half the copy's speed.")
+
+
+if __name__ == "__main__":
+    main()

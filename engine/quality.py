@@ -1,0 +1,109 @@
+"""`python -m engine.quality`: what compression costs in accuracy, against the uncompressed model.
+
+For each variant it scores a fixed text set with the engine's own prompt log-probs (perplexity) and
+compares the greedy next token after each text with the uncompressed model's (top-1 agreement).
+Prompt scoring exercises the compressed KV cache too: attention reads back what the cache holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+from engine.api import Engine
+from engine.errors import UserError, cli_main
+from engine.policy import Policy
+
+DEFAULT_TEXTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "helm-scenarios" / "gsm" / "gsm_data_test"
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    compress_weight: bool = False
+    compress_cache: bool = False
+    bits: int = 4
+    dim: int = 0
+
+    def policy(self, base: Policy) -> Policy:
+        return dataclasses.replace(base, compress_weight=self.compress_weight, compress_cache=self.compress_cache,
+                                   comp_weight_bits=self.bits, comp_cache_bits=self.bits, comp_weight_dim=self.dim)
+
+
+def table_variants() -> list[Variant]:
+    """The README table: 4/3/2 bits; weights, cache, both; both weight-grouping dimensions."""
+    out = [Variant("none")]
+    for bits in (4, 3, 2):
+        out += [Variant(f"w{bits} dim0", True, False, bits, 0), Variant(f"w{bits} dim1", True, False, bits, 1),
+                Variant(f"c{bits}", False, True, bits), Variant(f"w{bits}c{bits} dim0", True, True, bits, 0),
+                Variant(f"w{bits}c{bits} dim1", True, True, bits, 1)]
+    return out
+
+
+def load_texts(path: Path, count: int) -> list[str]:
+    """The first `count` GSM8K questions with their worked answers (JSON lines)."""
+    if not path.is_file():
+        raise UserError(f"{path} not found; pass --texts FILE (JSON lines with question and answer)")
+    texts = []
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            texts.append(f"Question: {row['question']}\nAnswer: {row['answer']}")
+            if len(texts) == count:
+                break
+    return texts
+
+
+@dataclasses.dataclass
+class Score:
+    perplexity: float
+    next_tokens: list[int]
+    weight_bytes: int
+
+
+def score(model: str, policy: Policy, texts: list[str]) -> Score:
+    with Engine.load(model, policy=policy) as eng:
+        weight_bytes = sum(t.used for t in eng.rt.tiers.values())
+        outs = eng.generate(texts, max_new_tokens=1, echo_prompt=True)
+    lps = [lp for o in outs for lp in o.prompt_logprobs[1:]]
+    return Score(math.exp(-sum(lps) / len(lps)), [o.token_ids[0] for o in outs], weight_bytes)
+
+
+def compare(model: str, variants: list[Variant], texts: list[str], base: Policy) -> list[dict]:
+    """Rows of the table: perplexity, its ratio to uncompressed, top-1 agreement, weight bytes."""
+    reference = score(model, base, texts)
+    rows = []
+    for v in variants:
+        s = reference if v.name == "none" else score(model, v.policy(base), texts)
+        agree = sum(a == b for a, b in zip(s.next_tokens, reference.next_tokens, strict=True)) / len(texts)
+        rows.append({"variant": v.name, "perplexity": s.perplexity, "ppl_ratio": s.perplexity / reference.perplexity,
+                     "top1_agreement": agree, "weight_bytes_ratio": s.weight_bytes / reference.weight_bytes})
+    return rows
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m engine.quality", description=__doc__)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--texts", type=Path, default=DEFAULT_TEXTS, help="GSM8K-style JSON lines")
+    p.add_argument("--count", type=int, default=200, help="how many texts (default 200)")
+    p.add_argument("--variants", default="table", help="'table' or comma-separated names, e.g. 'w4c4 dim0'")
+    p.add_argument("--gpu-batch-size", type=int, default=8)
+    args = p.parse_args(argv)
+    variants = table_variants()
+    if args.variants != "table":
+        wanted = [n.strip() for n in args.variants.split(",")]
+        variants = [v for v in variants if v.name in wanted or v.name == "none"]
+    rows = compare(args.model, variants, load_texts(args.texts, args.count), Policy(gpu_batch_size=args.gpu_batch_size))
+    print(f"{args.model}, first {args.count} texts of {args.texts.name}\n")
+    print("| variant | perplexity | ratio | top-1 agreement | weight bytes ratio |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['perplexity']:.3f} | {r['ppl_ratio']:.3f} | {r['top1_agreement']:.3f} | "
+              f"{r['weight_bytes_ratio']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
