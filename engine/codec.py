@@ -17,11 +17,20 @@ def _elem_bytes(dtype: torch.dtype) -> int:
 
 @dataclass(frozen=True)
 class RowCodec:
-    """Rows of `row_elems` values (KV cache tokens, activations): plain or group-quantized."""
+    """Rows of `row_elems` values (KV cache tokens, activations): plain or group-quantized.
+
+    A quantized row is coded as independent vectors of `vector` values (one head of one sequence for
+    the KV cache), so groups never straddle two heads or two sequences, whatever the tier split.
+    """
 
     row_elems: int
     storage: torch.dtype
     quant: object | None = None  # engine.compression.QuantSpec
+    vector: int = 0  # 0: the whole row
+
+    @property
+    def _vec(self) -> int:
+        return self.vector or self.row_elems
 
     @property
     def row_bytes(self) -> int:
@@ -29,7 +38,7 @@ class RowCodec:
             return self.row_elems * _elem_bytes(self.storage)
         from engine.compression import row_nbytes
 
-        return row_nbytes(self.row_elems, self.quant)
+        return self.row_elems // self._vec * row_nbytes(self._vec, self.quant)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(n, row_elems) -> uint8 (n, row_bytes)."""
@@ -37,7 +46,7 @@ class RowCodec:
             return x.to(self.storage).contiguous().view(torch.uint8)
         from engine.compression import encode_rows
 
-        return encode_rows(x, self.quant)
+        return encode_rows(x.reshape(x.shape[0], -1, self._vec), self.quant).reshape(x.shape[0], -1)
 
     def decode(self, data: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """uint8 (n * row_bytes,) -> (n, row_elems) on `device` in `dtype`; a view when nothing changes."""
@@ -46,7 +55,8 @@ class RowCodec:
             return rows.view(self.storage).to(device=device, dtype=dtype, non_blocking=True)
         from engine.compression import decode_rows
 
-        return decode_rows(rows.to(device, non_blocking=True), self.row_elems, self.quant, dtype)
+        vectors = rows.to(device, non_blocking=True).view(rows.shape[0], self.row_elems // self._vec, -1)
+        return decode_rows(vectors, self._vec, self.quant, dtype).reshape(rows.shape[0], self.row_elems)
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ def block_bytes(cfg: ModelConfig, policy: Policy, batches: list[tuple[int, int]]
     total = zero()
     for rows, length in batches:
         for tier, (h0, h1) in split_count(cfg.kv_heads, policy.split("cache")).items():
-            codec = RowCodec(rows * (h1 - h0) * cfg.head_dim, storage, cache_quant)
+            codec = RowCodec(rows * (h1 - h0) * cfg.head_dim, storage, cache_quant, vector=cfg.head_dim)
             total[tier] += 2 * cfg.n_layers * (length + steps) * codec.row_bytes
         for tier, (a, b) in split_count(rows * length * cfg.hidden, policy.split("act")).items():
             total[tier] += (b - a) * compute_elem

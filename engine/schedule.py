@@ -115,7 +115,7 @@ class LayerCache:
         self.rt, self.length, self.pending = rt, 0, []
         self.segments = []
         for tier, (h0, h1) in split_count(cfg.kv_heads, rt.policy.split("cache")).items():
-            codec = RowCodec(batch * (h1 - h0) * d, rt.storage_dtype, rt.cache_quant)
+            codec = RowCodec(batch * (h1 - h0) * d, rt.storage_dtype, rt.cache_quant, vector=d)
             size = max_len * codec.row_bytes
             device = torch.device("cpu") if (rt.policy.cpu_cache_compute and tier != "gpu") else rt.device
             self.segments.append(_Segment(tier, (h0, h1), codec, rt.tiers[tier].store(size, "k"),

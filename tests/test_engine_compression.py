@@ -1,0 +1,56 @@
+"""Issue 4: compressed weights and cache on every tier, their bytes, and their accuracy cost."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from conftest import HELM_DATA
+from policies import POLICIES
+
+from engine import Engine, Policy
+
+MIXED = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28], [40, 41, 42, 43]]
+W4C4 = dict(compress_weight=True, compress_cache=True)
+
+
+def test_placement_never_changes_compressed_outputs(tiny_models, tmp_path):
+    reference = None
+    for name, policy in POLICIES.items():
+        with Engine.load(tiny_models["llama"], policy=dataclasses.replace(policy, **W4C4), offload_dir=tmp_path) as eng:
+            outs = [(o.token_ids, o.logprobs) for o in eng.generate(MIXED, max_new_tokens=5)]
+        reference = reference or outs
+        for (tokens, lps), (ref_tokens, ref_lps) in zip(outs, reference, strict=True):
+            assert tokens == ref_tokens, name
+            assert max(abs(a - b) for a, b in zip(lps, ref_lps, strict=True)) < 1e-4, name
+
+
+def _weights_and_reads(policy: Policy, tmp_path) -> tuple[int, int]:
+    disk = policy.with_percent(0, 0, 100, 0, 100, 0)
+    with Engine.load("opt-125m", weights="dummy", policy=disk, offload_dir=tmp_path) as eng:
+        stored = eng.rt.tiers["disk"].used
+        eng.generate([[5] * 16], max_new_tokens=3)
+        return stored, eng.stats["bytes_read"]["disk"]
+
+
+def test_four_bit_weights_shrink_storage_and_disk_reads(tmp_path):
+    fp16 = Policy(storage_dtype="fp16")
+    plain_bytes, plain_reads = _weights_and_reads(fp16, tmp_path)
+    packed_bytes, packed_reads = _weights_and_reads(dataclasses.replace(fp16, compress_weight=True), tmp_path)
+    assert packed_bytes <= 0.30 * plain_bytes  # embeddings and LM head included; norms and biases stay fp16
+    assert packed_reads / plain_reads == pytest.approx(packed_bytes / plain_bytes, rel=0.02)
+
+
+@pytest.mark.skipif(not HELM_DATA.is_dir(), reason="../shared/data/helm-scenarios is not beside this checkout")
+def test_smollm2_four_bit_accuracy_is_pinned_and_two_bit_fails(smollm2):
+    from engine.quality import Variant, compare, load_texts
+
+    texts = load_texts(HELM_DATA / "gsm" / "gsm_data_test", 6)
+    rows = {r["variant"]: r for r in compare("smollm2-135m", [
+        Variant("none"), Variant("w4c4 dim1", True, True, 4, 1), Variant("w2c2 dim1", True, True, 2, 1)],
+        texts, Policy(gpu_batch_size=6))}
+    assert rows["w4c4 dim1"]["ppl_ratio"] <= PINNED_W4C4_PPL_RATIO
+    assert rows["w2c2 dim1"]["ppl_ratio"] > 2.0
+
+
+PINNED_W4C4_PPL_RATIO = 1.30
