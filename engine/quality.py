@@ -29,6 +29,7 @@ class Variant:
     dim: int = 0
 
     def policy(self, base: Policy) -> Policy:
+        """`base` with this variant's compression (its group sizes are kept)."""
         return dataclasses.replace(base, compress_weight=self.compress_weight, compress_cache=self.compress_cache,
                                    comp_weight_bits=self.bits, comp_cache_bits=self.bits, comp_weight_dim=self.dim)
 
@@ -91,14 +92,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--texts", type=Path, default=DEFAULT_TEXTS, help="GSM8K-style JSON lines")
     p.add_argument("--count", type=int, default=200, help="how many texts (default 200)")
     p.add_argument("--variants", default="table", help="'table' or comma-separated names, e.g. 'w4c4 dim0'")
+    p.add_argument("--group", type=int, default=64, help="group size for weights and cache (default 64)")
     p.add_argument("--gpu-batch-size", type=int, default=8)
     args = p.parse_args(argv)
     variants = table_variants()
     if args.variants != "table":
         wanted = [n.strip() for n in args.variants.split(",")]
         variants = [v for v in variants if v.name in wanted or v.name == "none"]
-    rows = compare(args.model, variants, load_texts(args.texts, args.count), Policy(gpu_batch_size=args.gpu_batch_size))
-    print(f"{args.model}, first {args.count} texts of {args.texts.name}\n")
+    base = Policy(gpu_batch_size=args.gpu_batch_size, comp_weight_group=args.group, comp_cache_group=args.group)
+    rows = compare(args.model, variants, load_texts(args.texts, args.count), base)
+    print(f"{args.model}, first {args.count} texts of {args.texts.name}, groups of {args.group}\n")
     print("| variant | perplexity | ratio | top-1 agreement | weight bytes ratio |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['perplexity']:.3f} | {r['ppl_ratio']:.3f} | {r['top1_agreement']:.3f} | "
