@@ -11,6 +11,7 @@ Time of one decoder layer for the whole block (a layer's weights are loaded once
     prefill: max(ctog + dtoc, gtoc + ctod, compute)       reads, writes and compute overlap
     decode:  ctog + max(gtoc, dtoc, ctod, compute)        FlexGen's fitted form: weight upload
                                                           does not hide behind decode compute
+    CPU-only machine: dtoc + ctod + compute               no transfers; disk I/O shares the cores
     (overlap off: the sum of all terms)
 
 Compute on the device is a roofline per GPU batch, max(FLOPs / matmul rate, weight bytes / memory
@@ -204,8 +205,10 @@ def _cpu_attn_rate(hw: HardwareProfile, gpu_batch: int, hidden: int) -> float:
 
 def _stage(hw: HardwareProfile, ctog: Lin, gtoc: Lin, dtoc: Lin, ctod: Lin, compute: Expr, *, decode: bool,
            overlap: bool) -> Expr:
-    if hw.shared_host_memory:  # both memory tiers are host RAM, which the engine uses in place
-        ctog = gtoc = Lin()
+    if hw.shared_host_memory:
+        # Both memory tiers are host RAM, which the engine uses in place: no transfers. Disk I/O
+        # runs on the cores that compute (reads fault in fresh buffers): it adds rather than hides.
+        return Sum((dtoc, ctod, compute))
     if not overlap:
         return Sum((ctog, gtoc, dtoc, ctod, compute))
     if decode:

@@ -17,11 +17,12 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy.optimize import linprog
 
-from engine.config import ModelConfig, named_config
+from engine.config import ModelConfig, load_folder_config, named_config
 from engine.cost_model import (
     FRACTIONS,
     Expr,
@@ -133,11 +134,6 @@ def _solve_block(cfg: ModelConfig, hw: HardwareProfile, policy: Policy, prompt_l
     return policy.with_percent(*pct), seconds
 
 
-def _fits(peak: dict[str, int], capacity: dict[str, int], hw: HardwareProfile, slack: float) -> bool:
-    ok = all(peak[t] <= capacity[t] * slack for t in TIERS)
-    return ok and (not hw.shared_host_memory or peak["gpu"] + peak["cpu"] <= capacity["cpu"] * slack)
-
-
 def search_policy(cfg: ModelConfig, hardware: HardwareProfile, *, prompt_len: int, gen_len: int,
                   compress_weight: bool = False, compress_cache: bool = False, gpu_mem: int | None = None,
                   cpu_mem: int | None = None, disk_mem: int | None = None, max_block_size: int | None = None,
@@ -226,14 +222,10 @@ def _checks(args: argparse.Namespace) -> None:
         hw = load_hardware("t4-paper" if args.hardware == "local" else args.hardware)
         print(checks.markdown(checks.paper_table(hw)))
         return
-    if args.reprofile:
-        from engine.hardware import local_cache, write_profile
-        from engine.profile import measure
-
-        write_profile(measure(args.offload_dir), local_cache())
     hw = load_hardware(args.hardware)
-    rows, summary = checks.validate_local(hw, args.model if args.model != "opt-30b" else "opt-1.3b",
-                                          args.num_prompts, args.prompt_len, args.gen_len, args.offload_dir)
+    rows, summary = checks.validate_local(hw, args.model or "opt-1.3b",
+                                          args.num_prompts, args.prompt_len, args.gen_len, args.offload_dir,
+                                          remeasure=args.reprofile)
     print(checks.markdown(rows))
     print(f"median |error| {summary['median_abs_rel_error']:.1%}; searched policy measures "
           f"{summary['searched_over_best_hand']:.0%} of the best hand policy ({summary['best_hand']})")
@@ -241,7 +233,8 @@ def _checks(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m engine.search", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="opt-30b", help="named config, e.g. opt-30b")
+    parser.add_argument("--model", help="named config (e.g. opt-30b) or a HF checkpoint folder; "
+                                         "--validate-local defaults to opt-1.3b")
     parser.add_argument("--hardware", default="local",
                         help="preset (t4-paper, a100-40gb, ...), 'local' or a profile JSON path")
     parser.add_argument("--prompt-len", type=int, default=512)
@@ -257,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="run OPT-1.3B dummy policies on this machine: predicted vs measured "
                              "(use with --prompt-len 32 --gen-len 8 for a run of a few minutes)")
     parser.add_argument("--num-prompts", type=int, default=8, help="prompts per --validate-local run")
-    parser.add_argument("--reprofile", action="store_true", help="re-measure this machine before --validate-local")
+    parser.add_argument("--reprofile", action="store_true",
+                        help="with --validate-local: re-measure this machine before each run")
     add_policy_args(parser)
     args = parser.parse_args(argv)
     if args.paper_table or args.validate_local:
@@ -265,7 +259,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.prompt_len < 1 or args.gen_len < 1:
         raise UserError("--prompt-len and --gen-len must be positive")
-    cfg = named_config(args.model)
+    if not args.model:
+        raise UserError("--model is required: a named config such as opt-30b, or a HF checkpoint folder")
+    cfg = load_folder_config(Path(args.model)) if Path(args.model).is_dir() else named_config(args.model)
     hw = load_hardware(args.hardware)
     capacity = capacities(hw, parse_size(args.gpu_mem), parse_size(args.cpu_mem), parse_size(args.disk_mem))
     if args.evaluate_policy:

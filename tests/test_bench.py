@@ -76,10 +76,13 @@ def test_rows_take_the_median_of_finished_repeats_and_ratios_compare_medians():
     assert ratio(rows[0], None) is None
 
 
-def test_a_row_without_any_finished_repeat_has_no_throughput_or_ratio():
-    rows = aggregate([_cfg("x")], [_rec("x", 0, None, status="oom")])
+def test_a_row_without_any_finished_repeat_has_no_throughput_or_ratio_and_says_why():
+    failed = _rec("y", 0, None, status="error")
+    failed.result = {"error": "UserError: gpu needs 2.7 GiB > budget 2.0 GiB"}
+    rows = aggregate([_cfg("x"), _cfg("y")], [_rec("x", 0, None, status="oom"), failed])
     assert rows[0].tokens_per_s is None and ratio(rows[0], rows[0]) is None
     assert rows[0].status(0) == "1/1 oom"
+    assert rows[1].status(0) == "1/1 error, UserError: gpu needs 2.7 GiB > budget 2.0 GiB"
 
 
 def test_thrashing_is_reads_far_above_what_the_run_needs():
@@ -173,7 +176,7 @@ def test_the_num_gpu_batches_ablation_is_skipped_when_it_would_repeat_the_best_r
     args = _args("--policy", "manual", "--num-gpu-batches", "1", "--systems", "engine")
     keys = [c.key for c in offload_plan(args, tmp_path)]
     assert "engine/cap/ngb1" not in keys and "engine/cap/no-overlap" in keys
-    assert not any(k.startswith(("hf", "accelerate")) for k in keys)
+    assert not any(k.startswith(("hf", "accelerate", "engine/ram")) for k in keys)
 
 
 def test_compression_plan_pairs_compressed_and_uncompressed_weights_on_disk_with_direct_io():
