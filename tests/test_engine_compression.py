@@ -45,12 +45,14 @@ def test_four_bit_weights_shrink_storage_and_disk_reads(tmp_path):
 def test_smollm2_four_bit_accuracy_is_pinned_and_two_bit_fails(smollm2):
     from engine.quality import Variant, compare, load_texts
 
+    # SmolLM2's GGUF weights are already 4-bit in groups of 32 along the input dimension: grouping
+    # the same way keeps that grid (README, "Compression accuracy"); groups of 64 cost 1.6x perplexity.
     texts = load_texts(HELM_DATA / "gsm" / "gsm_data_test", 6)
     rows = {r["variant"]: r for r in compare("smollm2-135m", [
         Variant("none"), Variant("w4c4 dim1", True, True, 4, 1), Variant("w2c2 dim1", True, True, 2, 1)],
-        texts, Policy(gpu_batch_size=6))}
+        texts, Policy(gpu_batch_size=6, comp_weight_group=32, comp_cache_group=32))}
     assert rows["w4c4 dim1"]["ppl_ratio"] <= PINNED_W4C4_PPL_RATIO
     assert rows["w2c2 dim1"]["ppl_ratio"] > 2.0
 
 
-PINNED_W4C4_PPL_RATIO = 1.30
+PINNED_W4C4_PPL_RATIO = 1.25  # measured 1.11 on the first 20 texts (python -m engine.quality --group 32)
