@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="predict FlexGen's published policies on t4-paper and search their setups")
     parser.add_argument("--validate-local", action="store_true",
                         help="run OPT-1.3B dummy policies on this machine: predicted vs measured "
-                             "(use with --prompt-len 32 --gen-len 8 for a run of a few minutes)")
+                             "(e.g. --num-prompts 8 --prompt-len 16 --gen-len 8)")
     parser.add_argument("--num-prompts", type=int, default=8, help="prompts per --validate-local run")
     parser.add_argument("--reprofile", action="store_true",
                         help="with --validate-local: re-measure this machine before each run")
