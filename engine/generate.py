@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     if bool(args.prompt) == bool(args.prompt_ids):
         raise UserError("give either --prompt TEXT or --prompt-ids 1,2,3 (one or more times), not both")
     prompts = args.prompt or [_ids(t) for t in args.prompt_ids]
-    eng = load_engine(args, prompt_len=max(len(p) for p in prompts), gen_len=args.max_new_tokens)
+    eng = load_engine(args, prompt_len=max(len(p) for p in prompts), gen_len=args.max_new_tokens,
+                      max_block_size=len(prompts))
     outs = eng.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_p=args.top_p, top_k=args.top_k, stop=args.stop, seed=args.seed,
                         echo_prompt=args.echo_prompt)

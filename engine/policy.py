@@ -147,6 +147,9 @@ def add_policy_args(parser: argparse.ArgumentParser, *, default_block: tuple[int
     g = parser.add_argument_group("policy")
     g.add_argument("--policy", choices=["manual", "auto"], default="manual",
                    help="'auto' chooses the placement with the policy search")
+    g.add_argument("--hardware", default="local",
+                   help="profile for --policy auto: t4-paper, a100-40gb, a100-80gb, h100-80gb, h200, 'local' "
+                        "(this machine, measured once) or a profile JSON path")
     g.add_argument("--percent", nargs=6, type=float, metavar=("WG", "WC", "CG", "CC", "HG", "HC"),
                    help="weights, cache and activations on gpu/cpu, in percent; disk takes the rest")
     g.add_argument("--gpu-batch-size", type=int, default=default_block[0])

@@ -101,6 +101,7 @@ class _Segment:
     k: Store
     v: Store
     device: torch.device  # where attention over this segment runs
+    dtype: torch.dtype  # its precision: fp32 on a CPU, where half precision is ~300x slower
 
     def direct(self, rt: Runtime) -> bool:
         """Plain in-memory rows on the attention device can be read as views, without a copy."""
@@ -118,8 +119,9 @@ class LayerCache:
             codec = RowCodec(batch * (h1 - h0) * d, rt.storage_dtype, rt.cache_quant, vector=d)
             size = max_len * codec.row_bytes
             device = torch.device("cpu") if (rt.policy.cpu_cache_compute and tier != "gpu") else rt.device
+            dtype = torch.float32 if device.type == "cpu" else rt.compute_dtype
             self.segments.append(_Segment(tier, (h0, h1), codec, rt.tiers[tier].store(size, "k"),
-                                          rt.tiers[tier].store(size, "v"), device))
+                                          rt.tiers[tier].store(size, "v"), device, dtype))
 
     def fetch(self) -> list:
         """Read the cached rows of the segments that cannot be viewed in place (runs on a worker)."""
@@ -132,8 +134,7 @@ class LayerCache:
                 out.append(None)
                 continue
             n = self.length * seg.codec.row_bytes
-            out.append(tuple(seg.codec.decode(s.read(0, n), seg.device, self.rt.compute_dtype)
-                             for s in (seg.k, seg.v)))
+            out.append(tuple(seg.codec.decode(s.read(0, n), seg.device, seg.dtype) for s in (seg.k, seg.v)))
         return out
 
     def attend(self, fetched: list, allowed: torch.Tensor, q, k, v, scale: float) -> torch.Tensor:
@@ -147,18 +148,18 @@ class LayerCache:
             if seg.direct(rt):
                 for store, rows in zip((seg.k, seg.v), new, strict=True):
                     store.write(offset, seg.codec.encode(rows))
-                full = [seg.codec.decode(st.read(0, offset + nbytes), seg.device, rt.compute_dtype)
+                full = [seg.codec.decode(st.read(0, offset + nbytes), seg.device, seg.dtype)
                         for st in (seg.k, seg.v)]
             else:
                 encoded = [seg.codec.encode(rows) for rows in new]
                 self.pending.append(rt.submit(_write_rows, (seg.k, seg.v), offset, encoded))
                 # attention sees exactly what the cache holds: compressed rows round-trip the codec
-                new_dev = [seg.codec.decode(e, seg.device, rt.compute_dtype) if seg.codec.quant is not None
-                           else rows.to(seg.device, rt.compute_dtype) for e, rows in zip(encoded, new, strict=True)]
+                new_dev = [seg.codec.decode(e, seg.device, seg.dtype) if seg.codec.quant is not None
+                           else rows.to(seg.device, seg.dtype) for e, rows in zip(encoded, new, strict=True)]
                 full = new_dev if old is None else [torch.cat(p) for p in zip(old, new_dev, strict=True)]
             kk, vv = (x.view(t0 + s, b, h1 - h0, -1).permute(1, 0, 2, 3) for x in full)
-            qq = q[:, :, h0 * group:h1 * group].to(seg.device)
-            outs.append(attention(qq, kk, vv, allowed.to(seg.device), scale).to(rt.device))
+            qq = q[:, :, h0 * group:h1 * group].to(seg.device, seg.dtype)
+            outs.append(attention(qq, kk, vv, allowed.to(seg.device), scale).to(rt.device, q.dtype))
         self.length = t0 + s
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 

@@ -235,8 +235,6 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m engine.search", description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="named config (e.g. opt-30b) or a HF checkpoint folder; "
                                          "--validate-local defaults to opt-1.3b")
-    parser.add_argument("--hardware", default="local",
-                        help="preset (t4-paper, a100-40gb, ...), 'local' or a profile JSON path")
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--gen-len", type=int, default=32)
     parser.add_argument("--disk-mem", help="budget of the disk tier, e.g. 1.5TB")
