@@ -6,7 +6,7 @@ from engine.codec import RowCodec, WeightCodec
 from engine.config import ModelConfig
 from engine.placement import split_count
 from engine.policy import TIERS, Policy
-from engine.tiers import human
+from engine.tiers import DiskStore, human
 
 _CHECK_HINT = "raise the budget (--gpu-mem/--cpu-mem, a bigger --offload-dir) or move data with --percent"
 
@@ -33,7 +33,8 @@ def working_bytes(placed: list[dict[str, tuple[str, WeightCodec]]], compute_elem
     def copies(layer) -> int:
         return sum(_numel(c.shape) * compute_elem for t, c in layer.values() if t not in zero_copy)
 
-    staging = max(sum(c.nbytes for t, c in layer.values() if t == "disk") for layer in placed)
+    staging = max(sum(DiskStore.staging_bytes(c.nbytes) for t, c in layer.values() if t == "disk")
+                  for layer in placed)
     return {"gpu": 2 * max(copies(layer) for layer in placed), "cpu": 2 * staging, "disk": 0}
 
 

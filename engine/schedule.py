@@ -22,7 +22,7 @@ from engine.models import LayerSpec
 from engine.models.layers import attention
 from engine.placement import split_count
 from engine.policy import Policy
-from engine.tiers import DiskStore, MemoryStore, Tier
+from engine.tiers import DiskStore, MemoryStore, Tier, aligned_empty
 
 Store = MemoryStore | DiskStore
 
@@ -50,6 +50,18 @@ class Runtime:
     io: ThreadPoolExecutor | None
     cache_quant: object | None = None
     copy_stream: object | None = None  # a CUDA stream for weight uploads, so they overlap compute
+    staging: list = field(default_factory=lambda: [None, None])  # two host buffers for disk reads
+    loads: int = 0  # layer loads so far: they alternate between the two staging buffers
+
+    def staging_buffer(self, slot: int, nbytes: int) -> torch.Tensor:
+        """Reusable aligned host buffer: fresh allocations here cost more in page faults than the read."""
+        buf = self.staging[slot]
+        if buf is None or buf.numel() < nbytes:
+            if buf is not None:
+                self.tiers["cpu"].release(buf.numel())
+            self.tiers["cpu"].alloc(nbytes)
+            buf = self.staging[slot] = aligned_empty(nbytes, pin=self.device.type == "cuda")
+        return buf
 
     def submit(self, fn: Callable, *args) -> Future:
         """Run on an I/O worker when overlapping, else now; either way the caller gets a future."""
@@ -77,10 +89,19 @@ class Rows:
 
 def load_layer(rt: Runtime, pos: int) -> tuple[dict[str, torch.Tensor], int]:
     """Bring one layer's weights to the compute device; returns them and the working bytes used."""
-    out, working = {}, 0
+    out, working, staged = {}, 0, 0
+    on_disk = [sw for sw in rt.weights[pos].values() if isinstance(sw.store, DiskStore)]
+    # two slots suffice: one load is in flight at a time, and it starts once the layer two loads back is done
+    rt.loads += 1
+    staging = rt.staging_buffer(rt.loads % 2, sum(DiskStore.staging_bytes(sw.codec.nbytes) for sw in on_disk)) \
+        if on_disk else None
     with torch.cuda.stream(rt.copy_stream) if rt.copy_stream is not None else contextlib.nullcontext():
         for name, sw in rt.weights[pos].items():
-            data = sw.store.read(0, sw.codec.nbytes)
+            if isinstance(sw.store, DiskStore):
+                data = sw.store.read(0, sw.codec.nbytes, out=staging[staged:])
+                staged += DiskStore.staging_bytes(sw.codec.nbytes)
+            else:
+                data = sw.store.read(0, sw.codec.nbytes)
             tensor = sw.codec.decode(data, rt.device, rt.compute_dtype)
             if sw.tier != "gpu" or tensor.data_ptr() != data.data_ptr():
                 working += tensor.numel() * tensor.element_size()

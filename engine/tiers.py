@@ -161,21 +161,24 @@ class DiskStore:
         self.tier.count(written=len(view))
 
     def read(self, offset: int, nbytes: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Read bytes [offset, offset+nbytes) into a new (or the given) uint8 host tensor."""
-        if self.rfd == self.fd:
-            buf = out if out is not None else torch.empty(nbytes, dtype=torch.uint8)
-            got = os.preadv(self.fd, [memoryview(buf.numpy())], offset)
-            result = buf
+        """Read bytes [offset, offset+nbytes) into `out` (a 4 KiB aligned staging buffer) or a new one."""
+        direct = self.rfd != self.fd
+        start = offset // ALIGN * ALIGN if direct else offset
+        end = -(-(offset + nbytes) // ALIGN) * ALIGN if direct else offset + nbytes
+        if out is None:
+            buf = aligned_empty(end - start) if direct else torch.empty(end - start, dtype=torch.uint8)
         else:
-            start = offset // ALIGN * ALIGN
-            end = -(-(offset + nbytes) // ALIGN) * ALIGN
-            buf = aligned_empty(end - start)
-            got = os.preadv(self.rfd, [memoryview(buf.numpy())], start) - (offset - start)
-            result = buf[offset - start:offset - start + nbytes]
+            buf = out[:end - start]
+        got = os.preadv(self.rfd, [memoryview(buf.numpy())], start) - (offset - start)
         if got < nbytes:
             raise UserError(f"short read from {self.path}: the offload folder was modified or the disk failed")
         self.tier.count(read=nbytes)
-        return result
+        return buf[offset - start:offset - start + nbytes]
+
+    @staticmethod
+    def staging_bytes(nbytes: int) -> int:
+        """Room a read of `nbytes` needs in a staging buffer, keeping the next read aligned."""
+        return -(-nbytes // ALIGN) * ALIGN + ALIGN
 
     def close(self) -> None:
         if self.fd is None:
