@@ -1,0 +1,169 @@
+"""`python -m harness.run`: run a HELM suite on the offloading engine, in-process, in large batches.
+
+    python -m harness.run --suite smoke --model smollm2-135m \
+        --data-dir ../shared/data/helm-scenarios --max-eval-instances 5
+
+Everything runs offline: data comes from `--data-dir` (HELM's scenario-cache layout) and entries
+without data are skipped with their reason. See README "Harness" for the output layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from engine.errors import UserError, cli_main
+from engine.policy import add_policy_args, policy_from_args
+
+if TYPE_CHECKING:  # HELM is imported after the offline variables are set
+    from helm.benchmark.presentation.run_entry import RunEntry
+
+    from harness.deployment import EngineSpec
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+DEFAULT_MODEL = "smollm2-135m"
+RESULTS_DIR = Path("results")
+AUTO_PROMPT_LEN, AUTO_GEN_LEN = 512, 32  # the FlexGen paper's HELM block shape
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m harness.run", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", help="suite name (smoke, helm-lite, flexgen-paper) or a run-entry conf path")
+    p.add_argument("--run-entries", nargs="+", default=[], metavar="ENTRY",
+                   help="HELM run entries, e.g. 'mmlu:subject=anatomy' (model=text or none: runs on --model)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="named config or HF checkpoint folder")
+    p.add_argument("--weights", choices=["dummy"], help="seeded random weights instead of a checkpoint")
+    p.add_argument("--max-eval-instances", type=int, help="evaluation instances per run (default: HELM's)")
+    p.add_argument("--num-train-trials", type=int, help="in-context example draws per run (default: HELM's)")
+    p.add_argument("--data-dir", help="read-only folder in HELM's scenario-cache layout (linked, never written)")
+    p.add_argument("--output", help="output folder (default: results/<suite>/<model>-<compression>-<hash>)")
+    p.add_argument("--resume", action="store_true", help="skip HELM runs that finished in --output")
+    add_policy_args(p, default_block=(8, 4))
+    return p
+
+
+def _resolve_policy(args: argparse.Namespace):
+    """The manual policy, or with `--policy auto` the searched one for HELM-like 512+32 token blocks."""
+    policy = policy_from_args(args)
+    if args.policy == "auto":
+        from engine.checkpoint import resolve
+        from engine.hardware import load_hardware
+        from engine.policy import parse_size
+        from engine.search import search_policy
+
+        cfg, _ = resolve(args.model, args.weights)
+        policy = search_policy(cfg, load_hardware(args.hardware), prompt_len=AUTO_PROMPT_LEN, gen_len=AUTO_GEN_LEN,
+                               compress_weight=policy.compress_weight, compress_cache=policy.compress_cache,
+                               gpu_mem=parse_size(args.gpu_mem), cpu_mem=parse_size(args.cpu_mem),
+                               base=policy).policy
+    return policy
+
+
+def _route_helm_logs(path: Path) -> None:
+    """HELM logs every step at INFO; keep that in a file so the terminal shows our progress."""
+    logger = logging.getLogger("helm")
+    logger.handlers.clear()
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name, value in OFFLINE_ENV.items():
+        os.environ.setdefault(name, value)
+    if args.max_eval_instances is not None and args.max_eval_instances < 1:
+        raise UserError("--max-eval-instances must be at least 1")
+    if args.data_dir and not Path(args.data_dir).is_dir():
+        raise UserError(f"--data-dir {args.data_dir} is not a folder; pass HELM's scenario cache folder "
+                        "(e.g. ../shared/data/helm-scenarios)")
+
+    from harness.deployment import EngineSpec
+    from harness.suites import load_run_entries
+
+    suite, entries = load_run_entries(args.suite, args.run_entries)
+    policy = _resolve_policy(args)
+    spec = EngineSpec.create(args.model, args.weights, policy, seed=0, gpu_mem=args.gpu_mem,
+                             cpu_mem=args.cpu_mem, offload_dir=args.offload_dir)
+    output = Path(args.output or RESULTS_DIR / suite / f"{spec.slug}-{policy.compression_label()}-"
+                  f"{spec.config_hash()}")
+    output.mkdir(parents=True, exist_ok=True)
+    _route_helm_logs(output / "helm.log")
+    return run_suite(spec, suite, entries, output, args)
+
+
+def run_suite(spec: EngineSpec, suite: str, entries: list[RunEntry], output: Path, args: argparse.Namespace) -> int:
+    """Prepare the output folder, plan the runs, run them on one engine, print the summary; exit code."""
+    from helm.benchmark.executor import ExecutionSpec
+    from helm.benchmark.runner import set_benchmark_output_path
+    from helm.common.authentication import Authentication
+    from helm.common.cache_backend_config import SqliteCacheBackendConfig
+
+    from harness.deployment import register_helm_configs, write_local_config
+    from harness.engine_pool import engine_for, model_facts
+    from harness.files import write_json_atomic
+    from harness.manifest import build_manifest
+    from harness.plan import plan_runs
+    from harness.runner import EngineRunner
+    from harness.summary import run_row, summary_table
+    from scenarios.nltk_fallback import ensure_punkt_tab
+    from scenarios.offline import link_data_dir
+
+    scenarios_dir = output / "scenarios"
+    linked = link_data_dir(args.data_dir, scenarios_dir)
+    punkt = ensure_punkt_tab(output / "nltk_data")
+    config_dir = output / "helm_config"
+    write_local_config(config_dir, spec, model_facts(spec))
+    write_json_atomic(output / "manifest.json", build_manifest(spec, suite, {
+        "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None, "linked_scenarios": linked,
+        "punkt_tab": punkt, "max_eval_instances": args.max_eval_instances,
+        "num_train_trials": args.num_train_trials, "run_entries": [e.description for e in entries]}))
+
+    register_helm_configs(config_dir)
+    set_benchmark_output_path(str(output))
+    run_specs, skipped = plan_runs(entries, spec.deployment, str(scenarios_dir), args.max_eval_instances,
+                                   args.num_train_trials)
+    print(f"{suite}: {len(run_specs)} runs on {spec.deployment}, {len(skipped)} skipped; output in {output}",
+          flush=True)
+    if run_specs:
+        print(f"loading {spec.model} ...", flush=True)
+        engine_for(spec)
+        (config_dir / "cache").mkdir(parents=True, exist_ok=True)
+        execution = ExecutionSpec(url=None, auth=Authentication(""), local_path=str(config_dir), parallelism=1,
+                                  sqlite_cache_backend_config=SqliteCacheBackendConfig(str(config_dir / "cache")))
+        with contextlib.redirect_stdout(io.StringIO()):  # HELM prints its credentials lookups
+            runner = EngineRunner(execution, str(output), suite, skip_instances=False, cache_instances=False,
+                                  cache_instances_only=False, skip_completed_runs=args.resume,
+                                  exit_on_error=False)
+        for i, run_spec in enumerate(run_specs, 1):
+            print(f"[{i}/{len(run_specs)}] {run_spec.name}", flush=True)
+            runner.run_all([run_spec])
+        outcomes = runner.outcomes
+    else:
+        outcomes = {}
+
+    rows = []
+    for run_spec in run_specs:
+        outcome = outcomes.get(run_spec.name, "not run")
+        run_dir = output / "runs" / suite / run_spec.name
+        row = run_row(str(run_dir)) if outcome.startswith("done") else {"run": run_spec.name}
+        rows.append({**row, "status": outcome})
+    print("\n" + summary_table(rows, [(s.entry, s.reason) for s in skipped]), flush=True)
+    failed = [n for n, o in outcomes.items() if o.startswith("failed")]
+    if failed:
+        print(f"{len(failed)} run(s) failed; details in {output / 'helm.log'}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
