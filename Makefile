@@ -26,7 +26,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m engine.generate --model smollm2-135m --prompt "The capital of France is" --max-new-tokens 24
+	$(PY) -m harness.run --suite smoke --model smollm2-135m --max-eval-instances 3 \
+	  $(if $(wildcard ../shared/data/helm-scenarios),--data-dir ../shared/data/helm-scenarios)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

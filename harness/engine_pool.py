@@ -29,6 +29,14 @@ def engine_for(spec: EngineSpec):
         return _engines[key]
 
 
+def release(spec: EngineSpec) -> None:
+    """Close and forget the engine of `spec` (its offload files go with it)."""
+    with _lock:
+        engine = _engines.pop(_key(spec), None)
+    if engine is not None:
+        engine.close()
+
+
 def tokenizer_folder(spec: EngineSpec) -> str:
     """The folder holding the tokenizer the engine uses for `spec`, found without loading weights."""
     from engine import checkpoint

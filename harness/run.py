@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import logging
 import os
@@ -19,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.errors import UserError, cli_main
-from engine.policy import add_policy_args, policy_from_args
+from engine.launch import resolve_policy
+from engine.policy import Policy, add_policy_args
 
 if TYPE_CHECKING:  # HELM is imported after the offline variables are set
     from helm.benchmark.presentation.run_entry import RunEntry
@@ -45,25 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="read-only folder in HELM's scenario-cache layout (linked, never written)")
     p.add_argument("--output", help="output folder (default: results/<suite>/<model>-<compression>-<hash>)")
     p.add_argument("--resume", action="store_true", help="skip HELM runs that finished in --output")
+    p.add_argument("--compare-compression", action="store_true",
+                   help="run the suite uncompressed and compressed (the --compress flags, default 4-bit weights "
+                        "and cache) into OUTPUT/none and OUTPUT/<label>, then report both")
     add_policy_args(p, default_block=(8, 4))
     return p
 
 
-def _resolve_policy(args: argparse.Namespace):
-    """The manual policy, or with `--policy auto` the searched one for HELM-like 512+32 token blocks."""
-    policy = policy_from_args(args)
-    if args.policy == "auto":
-        from engine.checkpoint import resolve
-        from engine.hardware import load_hardware
-        from engine.policy import parse_size
-        from engine.search import search_policy
-
-        cfg, _ = resolve(args.model, args.weights)
-        policy = search_policy(cfg, load_hardware(args.hardware), prompt_len=AUTO_PROMPT_LEN, gen_len=AUTO_GEN_LEN,
-                               compress_weight=policy.compress_weight, compress_cache=policy.compress_cache,
-                               gpu_mem=parse_size(args.gpu_mem), cpu_mem=parse_size(args.cpu_mem),
-                               base=policy).policy
-    return policy
+def _variants(policy: Policy, compare: bool) -> list[Policy]:
+    """The policy alone, or with --compare-compression: uncompressed and compressed (4-bit both by default)."""
+    if not compare:
+        return [policy]
+    plain = dataclasses.replace(policy, compress_weight=False, compress_cache=False)
+    packed = policy if (policy.compress_weight or policy.compress_cache) else \
+        dataclasses.replace(policy, compress_weight=True, compress_cache=True)
+    return [plain, packed]
 
 
 def _route_helm_logs(path: Path) -> None:
@@ -89,17 +87,28 @@ def main(argv: list[str] | None = None) -> int:
                         "(e.g. ../shared/data/helm-scenarios)")
 
     from harness.deployment import EngineSpec
+    from harness.engine_pool import release
     from harness.suites import load_run_entries
 
     suite, entries = load_run_entries(args.suite, args.run_entries)
-    policy = _resolve_policy(args)
-    spec = EngineSpec.create(args.model, args.weights, policy, seed=0, gpu_mem=args.gpu_mem,
-                             cpu_mem=args.cpu_mem, offload_dir=args.offload_dir)
-    output = Path(args.output or RESULTS_DIR / suite / f"{spec.slug}-{policy.compression_label()}-"
-                  f"{spec.config_hash()}")
-    output.mkdir(parents=True, exist_ok=True)
-    _route_helm_logs(output / "helm.log")
-    return run_suite(spec, suite, entries, output, args)
+    policy = resolve_policy(args, prompt_len=AUTO_PROMPT_LEN, gen_len=AUTO_GEN_LEN)
+    variants = _variants(policy, args.compare_compression)
+    specs = [EngineSpec.create(args.model, args.weights, p, seed=0, gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem,
+                               offload_dir=args.offload_dir) for p in variants]
+    label = "compare" if args.compare_compression else policy.compression_label()
+    output = Path(args.output or RESULTS_DIR / suite / f"{specs[0].slug}-{label}-{specs[-1].config_hash()}")
+    code = 0
+    for spec, variant in zip(specs, variants, strict=True):
+        folder = output / variant.compression_label() if args.compare_compression else output
+        folder.mkdir(parents=True, exist_ok=True)
+        _route_helm_logs(folder / "helm.log")
+        code = max(code, run_suite(spec, suite, entries, folder, args))
+        release(spec)  # the next variant loads its own engine
+    from harness.report import write_report
+
+    write_report(output)
+    print(f"report: {output / 'report.md'}", flush=True)
+    return code
 
 
 def run_suite(spec: EngineSpec, suite: str, entries: list[RunEntry], output: Path, args: argparse.Namespace) -> int:
