@@ -94,3 +94,23 @@ def test_opt_without_weights_is_a_user_error():
 def test_text_prompt_without_tokenizer_is_a_user_error(tiny_models):
     with pytest.raises(UserError, match="tokenizer"):
         Engine.load(tiny_models["opt"]).generate(["hello"], max_new_tokens=1)
+
+
+def test_sharded_safetensors_and_bin_checkpoints_load_alike(tiny_models, hf_model, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    hf = hf_model(tiny_models["llama"])
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    as_bin = tmp_path / "bin"
+    as_bin.mkdir()
+    shutil.copy(tiny_models["llama"] / "config.json", as_bin)
+    torch.save(load_file(tiny_models["llama"] / "model.safetensors"), as_bin / "pytorch_model.bin")
+    expected = Engine.load(tiny_models["llama"]).generate(MIXED, max_new_tokens=4)
+    for folder in (sharded, as_bin):
+        got = Engine.load(folder).generate(MIXED, max_new_tokens=4)
+        assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+        assert [o.logprobs for o in got] == [o.logprobs for o in expected]
