@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from engine.codec import RowCodec, WeightCodec
 from engine.config import ModelConfig
+from engine.errors import UserError
 from engine.placement import split_count
 from engine.policy import TIERS, Policy
 from engine.tiers import DiskStore, human
@@ -66,10 +67,4 @@ def check(need: dict[str, int], budgets: dict[str, int], what: str) -> None:
     """Refuse up front, in one line that names the numbers, a plan that exceeds any budget."""
     over = [f"{t} needs {human(need[t])} > budget {human(budgets[t])}" for t in TIERS if need[t] > budgets[t]]
     if over:
-        raise_user(f"{what}: " + "; ".join(over) + f"; {_CHECK_HINT}")
-
-
-def raise_user(message: str) -> None:
-    from engine.errors import UserError
-
-    raise UserError(message)
+        raise UserError(f"{what}: " + "; ".join(over) + f"; {_CHECK_HINT}")
