@@ -6,6 +6,7 @@ and compressed tensors stay compressed on every tier, disk included.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -71,10 +72,7 @@ class WeightCodec:
     @property
     def nbytes(self) -> int:
         if self.quant is None:
-            n = 1
-            for s in self.shape:
-                n *= s
-            return n * _elem_bytes(self.storage)
+            return math.prod(self.shape) * _elem_bytes(self.storage)
         from engine.compression import weight_nbytes
 
         return weight_nbytes(self.shape, self.quant, self.dim)

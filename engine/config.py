@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,16 +51,11 @@ class ModelConfig:
 
     def num_params(self) -> int:
         """Parameter count (tied embeddings counted once)."""
-        from engine.models import all_weight_shapes
+        from engine.models import adapter_for
 
-        return sum(_prod(shape) for _, shape in all_weight_shapes(self))
-
-
-def _prod(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+        specs = adapter_for(self).layer_specs(self)
+        total = sum(math.prod(shape) for spec in specs for shape in spec.shapes.values())
+        return total - (math.prod(specs[-1].shapes["lm_head"]) if self.tie_embeddings else 0)
 
 
 def _opt(name: str, hidden: int, layers: int, heads: int, **kw) -> ModelConfig:

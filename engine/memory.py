@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from engine.codec import RowCodec, WeightCodec
 from engine.config import ModelConfig
 from engine.errors import UserError
@@ -32,18 +34,11 @@ def working_bytes(placed: list[dict[str, tuple[str, WeightCodec]]], compute_elem
     Weights on a tier in `zero_copy` are used in place and need no working copy.
     """
     def copies(layer) -> int:
-        return sum(_numel(c.shape) * compute_elem for t, c in layer.values() if t not in zero_copy)
+        return sum(math.prod(c.shape) * compute_elem for t, c in layer.values() if t not in zero_copy)
 
     staging = max(sum(DiskStore.staging_bytes(c.nbytes) for t, c in layer.values() if t == "disk")
                   for layer in placed)
     return {"gpu": 2 * max(copies(layer) for layer in placed), "cpu": 2 * staging, "disk": 0}
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def block_bytes(cfg: ModelConfig, policy: Policy, batches: list[tuple[int, int]], steps: int,

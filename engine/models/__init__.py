@@ -6,6 +6,7 @@ architecture it runs. A model is a list of layers: one `embed`, `n_layers` `deco
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -31,14 +32,7 @@ class LayerSpec:
         return f"layer{self.index}" if self.kind == "decoder" else self.kind
 
     def nbytes(self, elem_bytes: int) -> int:
-        return sum(_numel(s) for s in self.shapes.values()) * elem_bytes
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+        return sum(math.prod(s) for s in self.shapes.values()) * elem_bytes
 
 
 def adapter_for(cfg: ModelConfig) -> ModuleType:
@@ -47,6 +41,3 @@ def adapter_for(cfg: ModelConfig) -> ModuleType:
 
     return {"opt": opt, "llama": llama}[cfg.family]
 
-
-def all_weight_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
-    return [(f"{spec.name}.{n}", s) for spec in adapter_for(cfg).layer_specs(cfg) for n, s in spec.shapes.items()]
