@@ -103,8 +103,7 @@ class Engine:
             where = place_layer_weights({n: c.nbytes for n, c in codecs.items()}, policy)
             placed.append({n: (where[n], codecs[n]) for n in codecs})
         need = memory.weight_bytes(placed)
-        zero_copy = {"gpu"} if (storage == compute and wquant is None) else set()
-        work = memory.working_bytes(placed, torch.empty((), dtype=compute).element_size(), zero_copy)
+        work = memory.working_bytes(placed, dev, compute)
         total = {t: need[t] + work[t] for t in TIERS}
         memory.check(total, {t: tiers[t].capacity for t in TIERS}, f"{cfg.name or 'model'} does not fit")
         weights = [{n: StoredWeight(t, tiers[t].store(c.nbytes, f"{spec.name}.{n}"), c) for n, (t, c) in layer.items()}
@@ -113,6 +112,7 @@ class Engine:
         rt = Runtime(cfg, adapter, specs, weights, tiers, policy, dev, compute, storage, io,
                      _quant(policy.comp_cache_bits, policy.comp_cache_group) if policy.compress_cache else None,
                      torch.cuda.Stream(dev) if dev.type == "cuda" else None)
+        rt.reserve_buffers(work["gpu"] // 2, work["cpu"] // 2)
 
         def sink(pos: int, name: str, tensor: torch.Tensor) -> None:
             sw = weights[pos][name]

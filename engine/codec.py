@@ -84,9 +84,29 @@ class WeightCodec:
 
         return encode_weight(w, self.quant, self.dim)
 
-    def decode(self, data: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def in_place(self, data_device: torch.device, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether stored bytes on `data_device` can be used as the compute tensor without a copy."""
+        return self.quant is None and self.storage == dtype and data_device == device
+
+    def working_nbytes(self, dtype: torch.dtype) -> int:
+        """Room the decoded tensor takes in a working buffer, rounded up to keep the next one aligned."""
+        return -(-math.prod(self.shape) * _elem_bytes(dtype) // 64) * 64
+
+    def working(self, buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A view of the uint8 buffer `buf` laid out like `decode`'s result, to pass as its `out`."""
+        flat = buf[:math.prod(self.shape) * _elem_bytes(dtype)].view(dtype)
+        if self.quant is not None and self.dim == 0:  # decode_weight's result is a transposed view
+            return flat.view(self.shape[1], self.shape[0]).t()
+        return flat.view(self.shape)
+
+    def decode(self, data: torch.Tensor, device: torch.device, dtype: torch.dtype,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Stored bytes -> the compute tensor: a view when nothing changes, else into `out` if given."""
         if self.quant is None:
-            return data.view(self.storage).view(self.shape).to(device=device, dtype=dtype, non_blocking=True)
+            stored = data.view(self.storage).view(self.shape)
+            if out is None:
+                return stored.to(device=device, dtype=dtype, non_blocking=True)
+            return out.copy_(stored, non_blocking=True)
         from engine.compression import decode_weight
 
-        return decode_weight(data.to(device, non_blocking=True), self.shape, self.quant, self.dim, dtype)
+        return decode_weight(data.to(device, non_blocking=True), self.shape, self.quant, self.dim, dtype, out)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import torch
 
 from engine.codec import RowCodec, WeightCodec
 from engine.config import ModelConfig
@@ -27,18 +27,28 @@ def weight_bytes(placed: list[dict[str, tuple[str, WeightCodec]]]) -> dict[str, 
     return total
 
 
-def working_bytes(placed: list[dict[str, tuple[str, WeightCodec]]], compute_elem: int,
-                  zero_copy: set[str]) -> dict[str, int]:
-    """Two layers of weights in compute form (in use and prefetched) and the disk read staging.
+def data_device(tier: str, device: torch.device) -> torch.device:
+    """Where a weight's stored bytes are when decoded: gpu-tier data on the device, the rest in host memory."""
+    return device if tier == "gpu" else torch.device("cpu")
 
-    Weights on a tier in `zero_copy` are used in place and need no working copy.
-    """
-    def copies(layer) -> int:
-        return sum(math.prod(c.shape) * compute_elem for t, c in layer.values() if t not in zero_copy)
 
-    staging = max(sum(DiskStore.staging_bytes(c.nbytes) for t, c in layer.values() if t == "disk")
-                  for layer in placed)
-    return {"gpu": 2 * max(copies(layer) for layer in placed), "cpu": 2 * staging, "disk": 0}
+def layer_working_bytes(layer: dict[str, tuple[str, WeightCodec]], device: torch.device,
+                        compute: torch.dtype) -> int:
+    """Working-buffer room for one layer's weights in compute form; weights used in place need none."""
+    return sum(c.working_nbytes(compute) for t, c in layer.values()
+               if not c.in_place(data_device(t, device), device, compute))
+
+
+def layer_staging_bytes(layer: dict[str, tuple[str, WeightCodec]]) -> int:
+    """Staging room for reading one layer's disk-tier weights."""
+    return sum(DiskStore.staging_bytes(c.nbytes) for t, c in layer.values() if t == "disk")
+
+
+def working_bytes(placed: list[dict[str, tuple[str, WeightCodec]]], device: torch.device,
+                  compute: torch.dtype) -> dict[str, int]:
+    """Two layers of weights in compute form (in use and prefetched) and two of disk read staging."""
+    return {"gpu": 2 * max(layer_working_bytes(layer, device, compute) for layer in placed),
+            "cpu": 2 * max(layer_staging_bytes(layer) for layer in placed), "disk": 0}
 
 
 def block_bytes(cfg: ModelConfig, policy: Policy, batches: list[tuple[int, int]], steps: int,

@@ -50,18 +50,23 @@ class Runtime:
     io: ThreadPoolExecutor | None
     cache_quant: object | None = None
     copy_stream: object | None = None  # a CUDA stream for weight uploads, so they overlap compute
-    staging: list = field(default_factory=lambda: [None, None])  # two host buffers for disk reads
-    loads: int = 0  # layer loads so far: they alternate between the two staging buffers
+    # Two slots of reusable buffers, alternating between consecutive layer loads: one slot holds the
+    # layer in use while the next is loaded into the other. Fresh allocations would cost more in page
+    # faults than the copies themselves.
+    working: list[torch.Tensor] = field(default_factory=list)  # weights in compute form, on the device
+    staging: list[torch.Tensor] = field(default_factory=list)  # aligned host buffers for disk reads
+    loads: int = 0  # layer loads so far: they alternate between the two slots
 
-    def staging_buffer(self, slot: int, nbytes: int) -> torch.Tensor:
-        """Reusable aligned host buffer: fresh allocations here cost more in page faults than the read."""
-        buf = self.staging[slot]
-        if buf is None or buf.numel() < nbytes:
-            if buf is not None:
-                self.tiers["cpu"].release(buf.numel())
-            self.tiers["cpu"].alloc(nbytes)
-            buf = self.staging[slot] = aligned_empty(nbytes, pin=self.device.type == "cuda")
-        return buf
+    def reserve_buffers(self, working_bytes: int, staging_bytes: int) -> None:
+        """Allocate (and account on their tiers) both slots of working and staging buffers."""
+        pin = self.device.type == "cuda"
+        for tier, nbytes, slots in (("gpu", working_bytes, self.working), ("cpu", staging_bytes, self.staging)):
+            self.tiers[tier].alloc(2 * nbytes)
+            for _ in range(2):
+                if tier == "gpu" and self.device.type == "cuda":
+                    slots.append(torch.empty(nbytes, dtype=torch.uint8, device=self.device))
+                else:
+                    slots.append(aligned_empty(nbytes, pin=pin and tier == "cpu"))
 
     def submit(self, fn: Callable, *args) -> Future:
         """Run on an I/O worker when overlapping, else now; either way the caller gets a future."""
@@ -87,29 +92,32 @@ class Rows:
 
 # -- weights -----------------------------------------------------------------------------------------
 
-def load_layer(rt: Runtime, pos: int) -> tuple[dict[str, torch.Tensor], int]:
-    """Bring one layer's weights to the compute device; returns them and the working bytes used."""
-    out, working, staged = {}, 0, 0
-    on_disk = [sw for sw in rt.weights[pos].values() if isinstance(sw.store, DiskStore)]
-    # two slots suffice: one load is in flight at a time, and it starts once the layer two loads back is done
+def load_layer(rt: Runtime, pos: int, ready: torch.cuda.Event | None = None) -> dict[str, torch.Tensor]:
+    """Bring one layer's weights to the compute device, in place where possible, else into a working slot.
+
+    `ready` (CUDA) marks when the compute stream is done with the layer that last used this slot.
+    """
     rt.loads += 1
-    staging = rt.staging_buffer(rt.loads % 2, sum(DiskStore.staging_bytes(sw.codec.nbytes) for sw in on_disk)) \
-        if on_disk else None
+    slot = rt.loads % 2
+    staging, working = rt.staging[slot], rt.working[slot]
+    out, staged, used = {}, 0, 0
     with torch.cuda.stream(rt.copy_stream) if rt.copy_stream is not None else contextlib.nullcontext():
+        if ready is not None:
+            rt.copy_stream.wait_event(ready)
         for name, sw in rt.weights[pos].items():
             if isinstance(sw.store, DiskStore):
                 data = sw.store.read(0, sw.codec.nbytes, out=staging[staged:])
                 staged += DiskStore.staging_bytes(sw.codec.nbytes)
             else:
                 data = sw.store.read(0, sw.codec.nbytes)
-            tensor = sw.codec.decode(data, rt.device, rt.compute_dtype)
-            if sw.tier != "gpu" or tensor.data_ptr() != data.data_ptr():
-                working += tensor.numel() * tensor.element_size()
-            out[name] = tensor
+            buf = None
+            if not sw.codec.in_place(data.device, rt.device, rt.compute_dtype):
+                buf = sw.codec.working(working[used:], rt.compute_dtype)
+                used += sw.codec.working_nbytes(rt.compute_dtype)
+            out[name] = sw.codec.decode(data, rt.device, rt.compute_dtype, out=buf)
     if rt.copy_stream is not None:
         rt.copy_stream.synchronize()
-    rt.tiers["gpu"].alloc(working)
-    return out, working
+    return out
 
 
 # -- KV cache ------------------------------------------------------------------------------------------
@@ -285,7 +293,7 @@ def run_block(rt: Runtime, batches: list[Rows], steps: int, echo: bool, on_step:
     acts = [Activation(rt, len(r.index) * r.ids.shape[1] * cfg.hidden) for r in batches]
     inputs = [r.ids.to(rt.device) for r in batches]
     finished = [False] * len(batches)
-    weight_future = rt.submit(load_layer, rt, 0)
+    weight_future = rt.submit(load_layer, rt, 0, _compute_done(rt))
     try:
         for step in range(steps):
             start = time.perf_counter()
@@ -294,13 +302,10 @@ def run_block(rt: Runtime, batches: list[Rows], steps: int, echo: bool, on_step:
                     r.valid = torch.cat([r.valid, torch.ones(len(r.index), 1, dtype=torch.bool)], dim=1)
             ctxs = [_step_ctx(r, step, rt.device) for r in batches]
             for pos, spec in enumerate(rt.specs):
-                w, working = weight_future.result()
+                w = weight_future.result()
                 weight_future = None
-                if rt.copy_stream is not None:  # made on the copy stream, used on this one
-                    for t in w.values():
-                        t.record_stream(torch.cuda.current_stream())
                 if not (step == steps - 1 and pos == n_layers - 1):
-                    weight_future = rt.submit(load_layer, rt, (pos + 1) % n_layers)
+                    weight_future = rt.submit(load_layer, rt, (pos + 1) % n_layers, _compute_done(rt))
                 fetch = (rt.submit(caches[spec.index][0].fetch) if spec.kind == "decoder" else None)
                 for k, rows in enumerate(batches):
                     if spec.kind == "embed":
@@ -319,7 +324,6 @@ def run_block(rt: Runtime, batches: list[Rows], steps: int, echo: bool, on_step:
                         nxt, finished[k] = on_step(k, step, last_lp, prompt_lp)
                         inputs[k] = nxt.to(rt.device).view(-1, 1)
                 del w
-                rt.tiers["gpu"].release(working)
             if rt.device.type == "cuda":
                 torch.cuda.synchronize(rt.device)
             timings["prefill_s" if step == 0 else "decode_s"] += time.perf_counter() - start
@@ -327,7 +331,8 @@ def run_block(rt: Runtime, batches: list[Rows], steps: int, echo: bool, on_step:
                 break
     finally:
         if weight_future is not None:
-            _drain(weight_future, rt)
+            with contextlib.suppress(Exception):  # the error that stopped the block is the one to report
+                weight_future.result()
         for layer in caches:
             for cache in layer:
                 cache.close()
@@ -335,12 +340,13 @@ def run_block(rt: Runtime, batches: list[Rows], steps: int, echo: bool, on_step:
             act.close()
 
 
-def _drain(fut: Future, rt: Runtime) -> None:
-    try:
-        _, working = fut.result()
-        rt.tiers["gpu"].release(working)
-    except Exception:  # the error that stopped the block is the one to report
-        pass
+def _compute_done(rt: Runtime) -> torch.cuda.Event | None:
+    """On a GPU, an event after the compute enqueued so far: a load may reuse that compute's slot after it."""
+    if rt.copy_stream is None:
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
 
 
 def _head(rt: Runtime, w: dict, x: torch.Tensor, rows: Rows, echo: bool):
