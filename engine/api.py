@@ -105,7 +105,7 @@ class Engine:
         need = memory.weight_bytes(placed)
         work = memory.working_bytes(placed, dev, compute)
         total = {t: need[t] + work[t] for t in TIERS}
-        memory.check(total, {t: tiers[t].capacity for t in TIERS}, f"{cfg.name or 'model'} does not fit")
+        memory.check(total, {t: tiers[t].capacity for t in TIERS}, f"{cfg.name or 'model'} does not fit", dev)
         weights = [{n: StoredWeight(t, tiers[t].store(c.nbytes, f"{spec.name}.{n}"), c) for n, (t, c) in layer.items()}
                    for spec, layer in zip(specs, placed, strict=True)]
         io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="flexhelm-io")
@@ -207,7 +207,7 @@ class Engine:
             need = memory.block_bytes(rt.cfg, rt.policy, shapes, steps, rt.storage_dtype, elem, rt.cache_quant)
             worst = {t: max(worst[t], need[t]) for t in TIERS}
         free = {t: rt.tiers[t].capacity - rt.tiers[t].used for t in TIERS}
-        memory.check(worst, free, "the KV cache and activations of a block do not fit")
+        memory.check(worst, free, "the KV cache and activations of a block do not fit", rt.device)
 
     def _on_step(self, batches, states, max_new, temperature, top_p, top_k, stops):
         tok, eos = self.tokenizer, set(self.config.eos_token_id)

@@ -19,7 +19,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
+from engine.host_memory import CGROUP_ROOT, own_cgroup_path
+
 POLL_S = 0.2
 
 
@@ -80,16 +81,6 @@ def parse_oom_kills(text: str) -> int:
         if key == "oom_kill":
             return int(value)
     return 0
-
-
-def own_cgroup_path(proc_cgroup: str, version: str) -> str:
-    """Our cgroup inside the hierarchy, from /proc/self/cgroup text ('0::/a/b' or 'N:memory:/a/b')."""
-    for line in proc_cgroup.splitlines():
-        _, controllers, path = line.split(":", 2)
-        names = controllers.split(",")
-        if (version == "v2" and controllers == "") or (version == "v1" and "memory" in names):
-            return path.lstrip("/")
-    return ""
 
 
 def create_memory_cgroup(prefix: str, root: Path = CGROUP_ROOT) -> MemoryCgroup:

@@ -7,6 +7,7 @@ import torch
 from engine.codec import RowCodec, WeightCodec
 from engine.config import ModelConfig
 from engine.errors import UserError
+from engine.host_memory import available_ram
 from engine.placement import split_count
 from engine.policy import TIERS, Policy
 from engine.tiers import DiskStore, human
@@ -68,8 +69,15 @@ def block_bytes(cfg: ModelConfig, policy: Policy, batches: list[tuple[int, int]]
     return total
 
 
-def check(need: dict[str, int], budgets: dict[str, int], what: str) -> None:
-    """Refuse up front, in one line that names the numbers, a plan that exceeds any budget."""
+def check(need: dict[str, int], budgets: dict[str, int], what: str, device: torch.device) -> None:
+    """Refuse up front, in one line that names the numbers, a plan that exceeds any budget.
+
+    Without a GPU the gpu and cpu tiers are both host memory, so together they must also fit in
+    what the host (or the memory cgroup) has left.
+    """
     over = [f"{t} needs {human(need[t])} > budget {human(budgets[t])}" for t in TIERS if need[t] > budgets[t]]
+    if device.type != "cuda" and need["gpu"] + need["cpu"] > (room := available_ram()):
+        over.append(f"gpu + cpu tiers (both host memory here) need {human(need['gpu'] + need['cpu'])} > "
+                    f"{human(room)} available")
     if over:
         raise UserError(f"{what}: " + "; ".join(over) + f"; {_CHECK_HINT}")

@@ -26,9 +26,10 @@ from tqdm import tqdm
 from engine.compression import QuantSpec, decode_rows, encode_rows
 from engine.errors import UserError, cli_main
 from engine.hardware import HardwareProfile, local_cache, write_profile
+from engine.host_memory import available_ram
 from engine.models.layers import attention
 from engine.policy import parse_size
-from engine.tiers import DiskTier, available_ram
+from engine.tiers import DiskTier
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

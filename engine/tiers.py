@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from engine.errors import UserError
+from engine.host_memory import available_ram
 
 ALIGN = 4096
 
@@ -210,16 +211,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def available_ram() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def make_tiers(device: torch.device, gpu_mem: int | None, cpu_mem: int | None, offload_dir, disk_mem: int | None,

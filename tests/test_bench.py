@@ -10,7 +10,7 @@ import pytest
 from engine.bench import build_parser, compression_plan, offload_plan, resolve_defaults
 from engine.bench_checkpoint import checkpoint_param_count, module_bytes, tensor_sizes
 from engine.bench_child import accelerate_device_map
-from engine.bench_isolation import MemoryCgroup, create_memory_cgroup, own_cgroup_path, parse_oom_kills
+from engine.bench_isolation import MemoryCgroup, create_memory_cgroup, parse_oom_kills
 from engine.bench_report import (
     RunConfig,
     RunRecord,
@@ -24,6 +24,7 @@ from engine.bench_report import (
 )
 from engine.bench_roofline import compute_bound_tokens_per_s, disk_bound_tokens_per_s
 from engine.errors import UserError
+from engine.host_memory import cgroup_room, own_cgroup_path
 
 
 def test_compute_bound_matches_the_formula_and_ignores_batch():
@@ -212,3 +213,28 @@ def test_a_child_that_overruns_its_timeout_is_killed_and_reported(tmp_path):
                    limit_bytes=None, timeout_s=30, log_path=tmp_path / "log")
     assert not ok.timed_out and ok.returncode == 0 and ok.max_rss_bytes > 0
     assert (tmp_path / "log").read_text().split() == ["Cpus_allowed_list:", "0"]  # pinned as asked
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_cgroup_room_is_the_tightest_limit_of_our_group_and_its_ancestors(tmp_path, version):
+    """Budgets default to this room, so a capped container or benchmark child is never over-promised."""
+    v2 = version == "v2"
+    base = tmp_path if v2 else tmp_path / "memory"
+    names = ("memory.max", "memory.current", "file") if v2 else ("memory.limit_in_bytes", "memory.usage_in_bytes",
+                                                                   "cache")
+    if v2:
+        (tmp_path / "cgroup.controllers").write_text("memory\n")
+    groups = {"": ("max" if v2 else str(2**63 - 4096), 10 << 30, 0), "outer": (8 << 30, 5 << 30, 1 << 30),
+              "outer/inner": (3 << 30, 2 << 30, 256 << 20)}
+    for rel, (limit, usage, cache) in groups.items():
+        group = base / rel
+        group.mkdir(parents=True, exist_ok=True)
+        (group / names[0]).write_text(f"{limit}\n")
+        (group / names[1]).write_text(f"{usage}\n")
+        (group / "memory.stat").write_text(f"anon 1\n{names[2]} {cache}\n")
+    proc = "0::/outer/inner\n" if v2 else "4:memory:/outer/inner\n"
+    # inner: 3 GiB - 2 GiB + 256 MiB of reclaimable cache; outer: 8 - 5 + 1 GiB
+    assert cgroup_room(tmp_path, proc) == (1 << 30) + (256 << 20)
+    (base / "outer/inner" / names[0]).write_text("max\n" if v2 else f"{2**63 - 4096}\n")
+    assert cgroup_room(tmp_path, proc) == 4 << 30
+    assert cgroup_room(tmp_path / "absent", proc) is None

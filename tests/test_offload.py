@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import HELM_DATA
 from policies import POLICIES
 from reference import assert_matches_hf
@@ -59,6 +60,17 @@ def test_block_memory_checked_before_running(tiny_models, tmp_path):
     with Engine.load(tiny_models["opt"], gpu_mem="2MiB", offload_dir=tmp_path) as eng:
         with pytest.raises(UserError, match="KV cache and activations"):
             eng.generate([[1] * 100] * 8, max_new_tokens=20)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the gpu tier is host memory only without a GPU")
+def test_gpu_and_cpu_tiers_share_host_memory_without_a_gpu(tiny_models, tmp_path, monkeypatch):
+    """Each budget alone fits, but both tiers are the same RAM: the plan is refused, not OOM-killed."""
+    policy = Policy().with_percent(50, 50, 100, 0, 100, 0)
+    with Engine.load(tiny_models["opt"], policy=policy, offload_dir=tmp_path) as eng:
+        need = eng.rt.tiers["gpu"].used + eng.rt.tiers["cpu"].used
+    monkeypatch.setattr("engine.memory.available_ram", lambda: need - 1)
+    with pytest.raises(UserError, match=r"gpu \+ cpu tiers \(both host memory here\) need .* available"):
+        Engine.load(tiny_models["opt"], policy=policy, offload_dir=tmp_path, gpu_mem="1GiB", cpu_mem="1GiB")
 
 
 def test_offload_files_removed_and_stale_folders_cleaned(tiny_models, tmp_path):
