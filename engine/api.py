@@ -103,7 +103,7 @@ class Engine:
             where = place_layer_weights({n: c.nbytes for n, c in codecs.items()}, policy)
             placed.append({n: (where[n], codecs[n]) for n in codecs})
         need = memory.weight_bytes(placed)
-        work = memory.working_bytes(placed, dev, compute)
+        work = memory.working_bytes(placed, specs, dev, compute)
         total = {t: need[t] + work[t] for t in TIERS}
         memory.check(total, {t: tiers[t].capacity for t in TIERS}, f"{cfg.name or 'model'} does not fit", dev)
         weights = [{n: StoredWeight(t, tiers[t].store(c.nbytes, f"{spec.name}.{n}"), c) for n, (t, c) in layer.items()}

@@ -84,6 +84,24 @@ class WeightCodec:
 
         return encode_weight(w, self.quant, self.dim)
 
+    @property
+    def stored_rows(self) -> tuple[int, int]:
+        """(rows, values per row) as stored: a quantized weight grouped along dim 0 stores its transpose."""
+        if self.quant is not None and self.dim == 0:
+            return self.shape[1], self.shape[0]
+        return self.shape[0], math.prod(self.shape[1:])
+
+    def decode_rows(self, data: torch.Tensor, index: slice | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Stored rows `index` of a 2-D weight whose bytes `data` are on the compute device."""
+        if isinstance(index, torch.Tensor):
+            index = index.to(data.device)
+        rows, width = self.stored_rows
+        if self.quant is None:
+            return data.view(self.storage).view(rows, width)[index].to(dtype)
+        from engine.compression import decode_rows
+
+        return decode_rows(data.view(rows, -1)[index], width, self.quant, dtype)
+
     def in_place(self, data_device: torch.device, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether stored bytes on `data_device` can be used as the compute tensor without a copy."""
         return self.quant is None and self.storage == dtype and data_device == device

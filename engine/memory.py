@@ -8,8 +8,10 @@ from engine.codec import RowCodec, WeightCodec
 from engine.config import ModelConfig
 from engine.errors import UserError
 from engine.host_memory import available_ram
+from engine.models import LayerSpec
 from engine.placement import split_count
 from engine.policy import TIERS, Policy
+from engine.tables import CHUNK_ELEMS
 from engine.tiers import DiskStore, human
 
 _CHECK_HINT = "raise the budget (--gpu-mem/--cpu-mem, a bigger --offload-dir) or move data with --percent"
@@ -33,11 +35,21 @@ def data_device(tier: str, device: torch.device) -> torch.device:
     return device if tier == "gpu" else torch.device("cpu")
 
 
-def layer_working_bytes(layer: dict[str, tuple[str, WeightCodec]], device: torch.device,
-                        compute: torch.dtype) -> int:
-    """Working-buffer room for one layer's weights in compute form; weights used in place need none."""
-    return sum(c.working_nbytes(compute) for t, c in layer.values()
-               if not c.in_place(data_device(t, device), device, compute))
+def layer_working_bytes(layer: dict[str, tuple[str, WeightCodec]], tables: tuple[str, ...],
+                        device: torch.device, compute: torch.dtype) -> int:
+    """Working-buffer room for one layer's weights in compute form; weights used in place need none.
+
+    Vocabulary tables stay in stored form (engine.tables): they only need room when their bytes
+    must first be moved to the device.
+    """
+    total = 0
+    for name, (tier, codec) in layer.items():
+        where = data_device(tier, device)
+        if name in tables:
+            total += 0 if where == device else -(-codec.nbytes // 64) * 64
+        elif not codec.in_place(where, device, compute):
+            total += codec.working_nbytes(compute)
+    return total
 
 
 def layer_staging_bytes(layer: dict[str, tuple[str, WeightCodec]]) -> int:
@@ -45,10 +57,11 @@ def layer_staging_bytes(layer: dict[str, tuple[str, WeightCodec]]) -> int:
     return sum(DiskStore.staging_bytes(c.nbytes) for t, c in layer.values() if t == "disk")
 
 
-def working_bytes(placed: list[dict[str, tuple[str, WeightCodec]]], device: torch.device,
+def working_bytes(placed: list[dict[str, tuple[str, WeightCodec]]], specs: list[LayerSpec], device: torch.device,
                   compute: torch.dtype) -> dict[str, int]:
     """Two layers of weights in compute form (in use and prefetched) and two of disk read staging."""
-    return {"gpu": 2 * max(layer_working_bytes(layer, device, compute) for layer in placed),
+    return {"gpu": 2 * max(layer_working_bytes(layer, spec.tables, device, compute)
+                           for layer, spec in zip(placed, specs, strict=True)),
             "cpu": 2 * max(layer_staging_bytes(layer) for layer in placed), "disk": 0}
 
 
@@ -65,6 +78,7 @@ def block_bytes(cfg: ModelConfig, policy: Policy, batches: list[tuple[int, int]]
     rows, length = max(batches, key=lambda rl: rl[0] * rl[1])
     transient = rows * length * (cfg.ffn + 4 * cfg.hidden) * compute_elem
     transient += rows * cfg.n_heads * length * length * 4 + rows * cfg.vocab_size * 4 * 2
+    transient += CHUNK_ELEMS * compute_elem  # one decoded chunk of a vocabulary table
     total["gpu"] += transient
     return total
 

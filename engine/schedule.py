@@ -22,6 +22,7 @@ from engine.models import LayerSpec
 from engine.models.layers import attention
 from engine.placement import split_count
 from engine.policy import Policy
+from engine.tables import Table
 from engine.tiers import DiskStore, MemoryStore, Tier, aligned_empty
 
 Store = MemoryStore | DiskStore
@@ -92,14 +93,14 @@ class Rows:
 
 # -- weights -----------------------------------------------------------------------------------------
 
-def load_layer(rt: Runtime, pos: int, ready: torch.cuda.Event | None = None) -> dict[str, torch.Tensor]:
+def load_layer(rt: Runtime, pos: int, ready: torch.cuda.Event | None = None) -> dict[str, torch.Tensor | Table]:
     """Bring one layer's weights to the compute device, in place where possible, else into a working slot.
 
     `ready` (CUDA) marks when the compute stream is done with the layer that last used this slot.
     """
     rt.loads += 1
     slot = rt.loads % 2
-    staging, working = rt.staging[slot], rt.working[slot]
+    staging, working, tables = rt.staging[slot], rt.working[slot], rt.specs[pos].tables
     out, staged, used = {}, 0, 0
     with torch.cuda.stream(rt.copy_stream) if rt.copy_stream is not None else contextlib.nullcontext():
         if ready is not None:
@@ -110,6 +111,12 @@ def load_layer(rt: Runtime, pos: int, ready: torch.cuda.Event | None = None) -> 
                 staged += DiskStore.staging_bytes(sw.codec.nbytes)
             else:
                 data = sw.store.read(0, sw.codec.nbytes)
+            if name in tables:  # kept in stored form, decoded a slice at a time where it is used
+                if data.device != rt.device:
+                    data = working[used:used + data.numel()].copy_(data, non_blocking=True)
+                    used += -(-data.numel() // 64) * 64
+                out[name] = Table(data, sw.codec, rt.compute_dtype)
+                continue
             buf = None
             if not sw.codec.in_place(data.device, rt.device, rt.compute_dtype):
                 buf = sw.codec.working(working[used:], rt.compute_dtype)
@@ -353,12 +360,12 @@ def _head(rt: Runtime, w: dict, x: torch.Tensor, rows: Rows, echo: bool):
     """Log-probs of the next token, and with `echo` of every prompt token after the first."""
     lm = w["lm_head"]
     h = rt.adapter.final(rt.cfg, w, x if echo else x[:, -1:])
-    last = torch.log_softmax((h[:, -1] @ lm.T).float(), dim=-1)
+    last = torch.log_softmax(lm.logits(h[:, -1]).float(), dim=-1)
     if not echo:
         return last, None
     targets, chunk, parts = rows.ids.to(rt.device), 64, []
     for i in range(0, h.shape[1] - 1, chunk):
-        lp = torch.log_softmax((h[:, i:i + chunk] @ lm.T).float(), dim=-1)
+        lp = torch.log_softmax(lm.logits(h[:, i:i + chunk]).float(), dim=-1)
         tgt = targets[:, i + 1:i + 1 + lp.shape[1]]
         parts.append(lp[:, :tgt.shape[1]].gather(-1, tgt[..., None])[..., 0])
     prompt_lp = torch.cat(parts, dim=1) if parts else torch.empty(h.shape[0], 0, device=rt.device)

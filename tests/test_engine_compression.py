@@ -5,10 +5,14 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 from conftest import HELM_DATA
 from policies import POLICIES
 
 from engine import Engine, Policy
+from engine.codec import WeightCodec
+from engine.compression import QuantSpec
+from engine.tables import Table
 
 MIXED = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28], [40, 41, 42, 43]]
 W4C4 = dict(compress_weight=True, compress_cache=True)
@@ -56,3 +60,18 @@ def test_smollm2_four_bit_accuracy_is_pinned_and_two_bit_fails(smollm2):
 
 
 PINNED_W4C4_PPL_RATIO = 1.25  # measured 1.11 on the first 20 texts (python -m engine.quality --group 32)
+
+
+@pytest.mark.parametrize("quant,dim", [(None, 0), (QuantSpec(4, 8), 0), (QuantSpec(3, 8), 1)],
+                         ids=["fp16", "w4-dim0", "w3-dim1"])
+def test_vocabulary_tables_decode_slices_like_the_whole_weight(quant, dim, monkeypatch):
+    """Embedding lookups and LM heads decode chunk by chunk; the result must equal decoding it all."""
+    monkeypatch.setattr("engine.tables.CHUNK_ELEMS", 7 * 24)  # several chunks, the last one short
+    codec = WeightCodec((50, 24), torch.float16, quant, dim)
+    data = codec.encode(torch.randn(50, 24))
+    full = codec.decode(data, torch.device("cpu"), torch.float32)
+    table = Table(data, codec, torch.float32)
+    ids = torch.tensor([[3, 49, 0], [3, 7, 7]])
+    assert torch.equal(table[ids], full[ids])
+    h = torch.randn(2, 5, 24)
+    torch.testing.assert_close(table.logits(h), h @ full.T)

@@ -13,7 +13,7 @@ from engine.models.layers import apply_rope, linear, rms_norm, rope_cos_sin
 def layer_specs(cfg: ModelConfig) -> list[LayerSpec]:
     h, f, d = cfg.hidden, cfg.ffn, cfg.head_dim
     qkv_out = (cfg.n_heads + 2 * cfg.kv_heads) * d
-    specs = [LayerSpec("embed", -1, {"tok": (cfg.vocab_size, h)}, {"tok": ("embed_tokens.weight",)})]
+    specs = [LayerSpec("embed", -1, {"tok": (cfg.vocab_size, h)}, {"tok": ("embed_tokens.weight",)}, tables=("tok",))]
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
         shapes = {"ln1.w": (h,), "qkv.w": (qkv_out, h), "o.w": (h, cfg.n_heads * d), "ln2.w": (h,),
@@ -30,7 +30,7 @@ def layer_specs(cfg: ModelConfig) -> list[LayerSpec]:
         specs.append(LayerSpec("decoder", i, shapes, sources))
     lm_src = ("embed_tokens.weight",) if cfg.tie_embeddings else ("lm_head.weight",)
     specs.append(LayerSpec("head", -1, {"ln.w": (h,), "lm_head": (cfg.vocab_size, h)},
-                           {"ln.w": ("norm.weight",), "lm_head": lm_src}))
+                           {"ln.w": ("norm.weight",), "lm_head": lm_src}, tables=("lm_head",)))
     return specs
 
 

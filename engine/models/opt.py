@@ -15,7 +15,7 @@ def layer_specs(cfg: ModelConfig) -> list[LayerSpec]:
     embed_src = {"tok": (p + "embed_tokens.weight",), "pos": (p + "embed_positions.weight",)}
     if e != h:
         embed["proj_in"], embed_src["proj_in"] = (h, e), (p + "project_in.weight",)
-    specs = [LayerSpec("embed", -1, embed, embed_src)]
+    specs = [LayerSpec("embed", -1, embed, embed_src, tables=("tok", "pos"))]
     for i in range(cfg.n_layers):
         q = f"{p}layers.{i}."
         att = q + "self_attn."
@@ -40,7 +40,7 @@ def layer_specs(cfg: ModelConfig) -> list[LayerSpec]:
         head["proj_out"], head_src["proj_out"] = (e, h), (p + "project_out.weight",)
     head["lm_head"] = (cfg.vocab_size, e)
     head_src["lm_head"] = (p + "embed_tokens.weight",) if cfg.tie_embeddings else ("lm_head.weight",)
-    specs.append(LayerSpec("head", -1, head, head_src))
+    specs.append(LayerSpec("head", -1, head, head_src, tables=("lm_head",)))
     return specs
 
 
