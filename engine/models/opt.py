@@ -63,7 +63,7 @@ def decoder(cfg: ModelConfig, w: dict, h: torch.Tensor, positions: torch.Tensor,
     if not pre:
         h = layer_norm(h, w["ln1.w"], w["ln1.b"])
     x = layer_norm(h, w["ln2.w"], w["ln2.b"]) if pre else h
-    h = h + linear(torch.relu(linear(x, w["fc1.w"], w["fc1.b"])), w["fc2.w"], w["fc2.b"])
+    h = h + linear(linear(x, w["fc1.w"], w["fc1.b"]).relu_(), w["fc2.w"], w["fc2.b"])
     return h if pre else layer_norm(h, w["ln2.w"], w["ln2.b"])
 
 
