@@ -113,6 +113,8 @@ class Engine:
                      _quant(policy.comp_cache_bits, policy.comp_cache_group) if policy.compress_cache else None,
                      torch.cuda.Stream(dev) if dev.type == "cuda" else None)
         rt.reserve_buffers(work["gpu"] // 2, work["cpu"] // 2)
+        rt.moves = [memory.layer_working_bytes(layer, spec.tables, dev, compute) > 0
+                    or memory.layer_staging_bytes(layer) > 0 for layer, spec in zip(placed, specs, strict=True)]
 
         def sink(pos: int, name: str, tensor: torch.Tensor) -> None:
             sw = weights[pos][name]

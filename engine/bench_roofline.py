@@ -22,23 +22,29 @@ def disk_bound_tokens_per_s(disk_bw: float, disk_bytes: float, tokens: float) ->
     return float("inf") if disk_bytes <= 0 else tokens * disk_bw / disk_bytes
 
 
-def measure_roofline(threads: int, cpus: set[int], disk_folder: Path, disk_bytes: int = 1 << 30) -> dict:
-    """fp32 GEMM FLOP/s (OPT-1.3B FFN shape, pinned like the runs) and O_DIRECT disk read bytes/s.
-
-    Uses the hardware profiler's probes, so the benchmark and the cost model measure alike.
-    """
+def measure_gemm(threads: int, cpus: set[int]) -> float:
+    """fp32 GEMM FLOP/s on the OPT-1.3B FFN shape, pinned like the runs."""
     import torch
 
-    from engine.profile import disk_bw, gemm_flops
+    from engine.profile import gemm_flops
 
     affinity, torch_threads = os.sched_getaffinity(0), torch.get_num_threads()
     os.sched_setaffinity(0, cpus)
     torch.set_num_threads(threads)
     try:
-        flops = gemm_flops(torch.device("cpu"), torch.float32, 1024, 2048, 8192)
+        return gemm_flops(torch.device("cpu"), torch.float32, 1024, 2048, 8192)
     finally:
         os.sched_setaffinity(0, affinity)
         torch.set_num_threads(torch_threads)
+
+
+def measure_roofline(threads: int, cpus: set[int], disk_folder: Path, disk_bytes: int = 1 << 30) -> dict:
+    """fp32 GEMM FLOP/s and O_DIRECT disk read bytes/s, with the hardware profiler's probes (so the
+    benchmark and the cost model measure alike). The benchmark probes the GEMM again before every
+    run (`gemm_probes`) and takes the best: a shared machine's speed drifts by tens of percent."""
+    from engine.profile import disk_bw
+
+    flops = measure_gemm(threads, cpus)
     read_bw, _, direct = disk_bw(disk_folder, disk_bytes)
-    return {"gemm_flops": flops, "disk_read_bw": read_bw,
+    return {"gemm_flops": flops, "gemm_probes": [flops], "disk_read_bw": read_bw,
             "disk_method": "O_DIRECT" if direct else "buffered after fadvise DONTNEED"}

@@ -11,12 +11,13 @@ Time of one decoder layer for the whole block (a layer's weights are loaded once
     prefill: max(ctog + dtoc, gtoc + ctod, compute)       reads, writes and compute overlap
     decode:  ctog + max(gtoc, dtoc, ctod, compute)        FlexGen's fitted form: weight upload
                                                           does not hide behind decode compute
-    CPU-only machine: dtoc + ctod + compute               no transfers; disk I/O shares the cores
+    CPU-only machine: max(dtoc + ctod, compute)           no transfers; disk reads on an I/O thread
     (overlap off: the sum of all terms)
 
 Compute on the device is a roofline per GPU batch, max(FLOPs / matmul rate, weight bytes / memory
-bandwidth), plus attention (batched matmul on the device, or on the CPU next to a host-memory cache
-with `cpu_cache_compute`) and dequantisation of compressed weights and cache.
+bandwidth) on a GPU and their sum on a CPU, plus attention (batched matmul on the device, or on the
+CPU next to a host-memory cache with `cpu_cache_compute`) and dequantisation of compressed weights
+and cache.
 """
 
 from __future__ import annotations
@@ -205,23 +206,31 @@ def _cpu_attn_rate(hw: HardwareProfile, gpu_batch: int, hidden: int) -> float:
 
 def _stage(hw: HardwareProfile, ctog: Lin, gtoc: Lin, dtoc: Lin, ctod: Lin, compute: Expr, *, decode: bool,
            overlap: bool) -> Expr:
-    if hw.shared_host_memory:
-        # Both memory tiers are host RAM, which the engine uses in place: no transfers. Disk I/O
-        # runs on the cores that compute (reads fault in fresh buffers): it adds rather than hides.
-        return Sum((dtoc, ctod, compute))
     if not overlap:
         return Sum((ctog, gtoc, dtoc, ctod, compute))
+    if hw.shared_host_memory:
+        # Both memory tiers are host RAM, used in place: no transfers. Disk reads land in reused
+        # staging buffers on an I/O thread and hide behind compute.
+        return Max((dtoc + ctod, compute))
     if decode:
         return Sum((ctog, Max((gtoc, dtoc, ctod, compute))))
     return Max((ctog + dtoc, gtoc + ctod, compute))
 
 
 def _matmuls(hw: HardwareProfile, size: LayerSizes, block: Block, tokens_per_row: int, rate: float) -> Sum:
-    """Every GPU batch's matmuls, compute- or weight-streaming-bound, plus the fixed per-layer cost."""
+    """Every GPU batch's matmuls plus the fixed per-layer cost.
+
+    A GPU overlaps streaming the weights from device memory with the arithmetic: the slower one
+    bounds a matmul. A CPU's cores do both, so they add up, and the arithmetic runs at the
+    large-GEMM rate (streaming is priced separately).
+    """
     k = block.num_gpu_batches
     flops = block.gpu_batch_size * tokens_per_row * size.flops_per_token
     overhead = k * size.engine_layers * hw.layer_overhead_s
-    return Sum((Max((Lin(k * flops / rate), Lin(k * size.weight_read_bytes / hw.gpu_mem_bw))), Lin(overhead)))
+    stream = Lin(k * size.weight_read_bytes / hw.gpu_mem_bw)
+    if hw.shared_host_memory:
+        return Sum((Lin(k * flops / hw.mm_prefill_flops), stream, Lin(overhead)))
+    return Sum((Max((Lin(k * flops / rate), stream)), Lin(overhead)))
 
 
 def layer_times(hw: HardwareProfile, size: LayerSizes, block: Block, policy: Policy,
@@ -240,6 +249,8 @@ def layer_times(hw: HardwareProfile, size: LayerSizes, block: Block, policy: Pol
     # (which the t4-paper constants describe) decodes them again for every GPU batch
     decodes = block.num_gpu_batches if hw.runtime == "flexgen" else 1
     dq_weights = decodes * size.weight_full_bytes / hw.dequant_bw if policy.compress_weight else 0.0
+    if hw.shared_host_memory and not policy.compress_weight and size.weight_bytes != size.weight_full_bytes:
+        dq_weights = size.weight_full_bytes / hw.gpu_mem_bw  # a CPU converts stored weights (e.g. fp16) once per load
 
     # prefill: every prompt position of every row passes through the layer once
     act = b * s_in * size.hidden_bytes

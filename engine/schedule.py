@@ -57,6 +57,7 @@ class Runtime:
     working: list[torch.Tensor] = field(default_factory=list)  # weights in compute form, on the device
     staging: list[torch.Tensor] = field(default_factory=list)  # aligned host buffers for disk reads
     loads: int = 0  # layer loads so far: they alternate between the two slots
+    moves: list[bool] = field(default_factory=list)  # per layer: whether loading it reads or converts data
 
     def reserve_buffers(self, working_bytes: int, staging_bytes: int) -> None:
         """Allocate (and account on their tiers) both slots of working and staging buffers."""
@@ -69,9 +70,13 @@ class Runtime:
                 else:
                     slots.append(aligned_empty(nbytes, pin=pin and tier == "cpu"))
 
-    def submit(self, fn: Callable, *args) -> Future:
-        """Run on an I/O worker when overlapping, else now; either way the caller gets a future."""
-        if self.io is not None and self.policy.overlap:
+    def submit(self, fn: Callable, *args, background: bool = True) -> Future:
+        """Run on an I/O worker when overlapping, else now; either way the caller gets a future.
+
+        Work that moves no data (`background=False`) runs now even when overlapping: handing it to a
+        worker gains nothing, and the worker's Python would contend with compute for the GIL.
+        """
+        if background and self.io is not None and self.policy.overlap:
             return self.io.submit(fn, *args)
         fut: Future = Future()
         fut.set_result(fn(*args))
@@ -300,7 +305,7 @@ def run_block(rt: Runtime, batches: list[Rows], steps: int, echo: bool, on_step:
     acts = [Activation(rt, len(r.index) * r.ids.shape[1] * cfg.hidden) for r in batches]
     inputs = [r.ids.to(rt.device) for r in batches]
     finished = [False] * len(batches)
-    weight_future = rt.submit(load_layer, rt, 0, _compute_done(rt))
+    weight_future = rt.submit(load_layer, rt, 0, _compute_done(rt), background=rt.moves[0])
     try:
         for step in range(steps):
             start = time.perf_counter()
@@ -312,8 +317,9 @@ def run_block(rt: Runtime, batches: list[Rows], steps: int, echo: bool, on_step:
                 w = weight_future.result()
                 weight_future = None
                 if not (step == steps - 1 and pos == n_layers - 1):
-                    weight_future = rt.submit(load_layer, rt, (pos + 1) % n_layers, _compute_done(rt))
-                fetch = (rt.submit(caches[spec.index][0].fetch) if spec.kind == "decoder" else None)
+                    nxt = (pos + 1) % n_layers
+                    weight_future = rt.submit(load_layer, rt, nxt, _compute_done(rt), background=rt.moves[nxt])
+                fetch = _fetch(rt, caches[spec.index][0]) if spec.kind == "decoder" else None
                 for k, rows in enumerate(batches):
                     if spec.kind == "embed":
                         acts[k].put(adapter.embed(cfg, w, inputs[k], ctxs[k].positions))
@@ -323,7 +329,7 @@ def run_block(rt: Runtime, batches: list[Rows], steps: int, echo: bool, on_step:
                         cache = caches[spec.index][k]
                         fetched = fetch.result()
                         if k + 1 < len(batches):
-                            fetch = rt.submit(caches[spec.index][k + 1].fetch)
+                            fetch = _fetch(rt, caches[spec.index][k + 1])
                         attend = functools.partial(cache.attend, fetched, ctxs[k].allowed)
                         acts[k].put(adapter.decoder(cfg, w, x, ctxs[k].positions, attend))
                     else:
@@ -345,6 +351,10 @@ def run_block(rt: Runtime, batches: list[Rows], steps: int, echo: bool, on_step:
                 cache.close()
         for act in acts:
             act.close()
+
+
+def _fetch(rt: Runtime, cache: LayerCache) -> Future:
+    return rt.submit(cache.fetch, background=not all(seg.direct(rt) for seg in cache.segments))
 
 
 def _compute_done(rt: Runtime) -> torch.cuda.Event | None:
