@@ -106,9 +106,18 @@ class WeightCodec:
         """Whether stored bytes on `data_device` can be used as the compute tensor without a copy."""
         return self.quant is None and self.storage == dtype and data_device == device
 
-    def working_nbytes(self, dtype: torch.dtype) -> int:
-        """Room the decoded tensor takes in a working buffer, rounded up to keep the next one aligned."""
-        return -(-math.prod(self.shape) * _elem_bytes(dtype) // 64) * 64
+    def working_room(self, table: bool, data_device: torch.device, device: torch.device,
+                     dtype: torch.dtype) -> int:
+        """Working-buffer bytes this weight takes when loaded from `data_device`; 0 when used in place.
+
+        A vocabulary table (engine.tables) stays in stored form: it needs room only to move to the device.
+        Rounded up to 64 bytes, so the next weight in the buffer stays aligned.
+        """
+        if table:
+            nbytes = 0 if data_device == device else self.nbytes
+        else:
+            nbytes = 0 if self.in_place(data_device, device, dtype) else math.prod(self.shape) * _elem_bytes(dtype)
+        return -(-nbytes // 64) * 64
 
     def working(self, buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A view of the uint8 buffer `buf` laid out like `decode`'s result, to pass as its `out`."""

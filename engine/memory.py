@@ -42,14 +42,8 @@ def layer_working_bytes(layer: dict[str, tuple[str, WeightCodec]], tables: tuple
     Vocabulary tables stay in stored form (engine.tables): they only need room when their bytes
     must first be moved to the device.
     """
-    total = 0
-    for name, (tier, codec) in layer.items():
-        where = data_device(tier, device)
-        if name in tables:
-            total += 0 if where == device else -(-codec.nbytes // 64) * 64
-        elif not codec.in_place(where, device, compute):
-            total += codec.working_nbytes(compute)
-    return total
+    return sum(codec.working_room(name in tables, data_device(tier, device), device, compute)
+               for name, (tier, codec) in layer.items())
 
 
 def layer_staging_bytes(layer: dict[str, tuple[str, WeightCodec]]) -> int:

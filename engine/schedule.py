@@ -116,17 +116,15 @@ def load_layer(rt: Runtime, pos: int, ready: torch.cuda.Event | None = None) -> 
                 staged += DiskStore.staging_bytes(sw.codec.nbytes)
             else:
                 data = sw.store.read(0, sw.codec.nbytes)
-            if name in tables:  # kept in stored form, decoded a slice at a time where it is used
-                if data.device != rt.device:
-                    data = working[used:used + data.numel()].copy_(data, non_blocking=True)
-                    used += -(-data.numel() // 64) * 64
-                out[name] = Table(data, sw.codec, rt.compute_dtype)
-                continue
-            buf = None
-            if not sw.codec.in_place(data.device, rt.device, rt.compute_dtype):
-                buf = sw.codec.working(working[used:], rt.compute_dtype)
-                used += sw.codec.working_nbytes(rt.compute_dtype)
-            out[name] = sw.codec.decode(data, rt.device, rt.compute_dtype, out=buf)
+            table = name in tables
+            room = sw.codec.working_room(table, data.device, rt.device, rt.compute_dtype)
+            buf, used = working[used:used + room], used + room
+            if table:  # kept in stored form, decoded a slice at a time where it is used
+                out[name] = Table(buf[:data.numel()].copy_(data, non_blocking=True) if room else data, sw.codec,
+                                  rt.compute_dtype)
+            else:
+                out[name] = sw.codec.decode(data, rt.device, rt.compute_dtype,
+                                            out=sw.codec.working(buf, rt.compute_dtype) if room else None)
     if rt.copy_stream is not None:
         rt.copy_stream.synchronize()
     return out

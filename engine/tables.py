@@ -23,14 +23,16 @@ class Table:
         self.rows, self.width = codec.stored_rows
         # group-quantized along the output dimension, the stored rows are the table's columns
         self.transposed = codec.quant is not None and codec.dim == 0
+        # a table already in compute form is sliced as views: one chunk, one matmul
+        in_place = codec.in_place(data.device, data.device, dtype)
+        self.step = self.rows if in_place else max(1, CHUNK_ELEMS // self.width)
 
     def _decode(self, index: slice | torch.Tensor) -> torch.Tensor:
         return self.codec.decode_rows(self.data, index, self.dtype)
 
     def _chunks(self):
-        step = max(1, CHUNK_ELEMS // self.width)
-        for start in range(0, self.rows, step):
-            yield slice(start, min(start + step, self.rows))
+        for start in range(0, self.rows, self.step):
+            yield slice(start, min(start + self.step, self.rows))
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the table (an embedding lookup), shape (*ids.shape, columns)."""

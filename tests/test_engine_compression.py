@@ -62,12 +62,14 @@ def test_smollm2_four_bit_accuracy_is_pinned_and_two_bit_fails(smollm2):
 PINNED_W4C4_PPL_RATIO = 1.25  # measured 1.11 on the first 20 texts (python -m engine.quality --group 32)
 
 
-@pytest.mark.parametrize("quant,dim", [(None, 0), (QuantSpec(4, 8), 0), (QuantSpec(3, 8), 1)],
-                         ids=["fp16", "w4-dim0", "w3-dim1"])
-def test_vocabulary_tables_decode_slices_like_the_whole_weight(quant, dim, monkeypatch):
+@pytest.mark.parametrize("storage,quant,dim", [(torch.float32, None, 0), (torch.float16, None, 0),
+                                               (torch.float16, QuantSpec(4, 8), 0),
+                                               (torch.float16, QuantSpec(3, 8), 1)],
+                         ids=["fp32-in-place", "fp16", "w4-dim0", "w3-dim1"])
+def test_vocabulary_tables_decode_slices_like_the_whole_weight(storage, quant, dim, monkeypatch):
     """Embedding lookups and LM heads decode chunk by chunk; the result must equal decoding it all."""
     monkeypatch.setattr("engine.tables.CHUNK_ELEMS", 7 * 24)  # several chunks, the last one short
-    codec = WeightCodec((50, 24), torch.float16, quant, dim)
+    codec = WeightCodec((50, 24), storage, quant, dim)
     data = codec.encode(torch.randn(50, 24))
     full = codec.decode(data, torch.device("cpu"), torch.float32)
     table = Table(data, codec, torch.float32)
