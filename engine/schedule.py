@@ -57,7 +57,7 @@ class Runtime:
     working: list[torch.Tensor] = field(default_factory=list)  # weights in compute form, on the device
     staging: list[torch.Tensor] = field(default_factory=list)  # aligned host buffers for disk reads
     loads: int = 0  # layer loads so far: they alternate between the two slots
-    moves: list[bool] = field(default_factory=list)  # per layer: whether loading it reads or converts data
+    background: list[bool] = field(default_factory=list)  # per layer: whether its load has work for a worker
 
     def reserve_buffers(self, working_bytes: int, staging_bytes: int) -> None:
         """Allocate (and account on their tiers) both slots of working and staging buffers."""
@@ -98,36 +98,71 @@ class Rows:
 
 # -- weights -----------------------------------------------------------------------------------------
 
-def load_layer(rt: Runtime, pos: int, ready: torch.cuda.Event | None = None) -> dict[str, torch.Tensor | Table]:
-    """Bring one layer's weights to the compute device, in place where possible, else into a working slot.
+def read_layer(rt: Runtime, pos: int, slot: int) -> dict[str, torch.Tensor]:
+    """Stored bytes of layer `pos`: disk weights read into the slot's staging buffer, the rest viewed in place."""
+    staging, staged, out = rt.staging[slot], 0, {}
+    for name, sw in rt.weights[pos].items():
+        if isinstance(sw.store, DiskStore):
+            out[name] = sw.store.read(0, sw.codec.nbytes, out=staging[staged:])
+            staged += DiskStore.staging_bytes(sw.codec.nbytes)
+        else:
+            out[name] = sw.store.read(0, sw.codec.nbytes)
+    return out
+
+
+def decode_layer(rt: Runtime, pos: int, slot: int, stored: dict[str, torch.Tensor],
+                 ready: torch.cuda.Event | None = None) -> dict[str, torch.Tensor | Table]:
+    """Layer `pos` in compute form: in place where possible, else decoded into the slot's working buffer.
 
     `ready` (CUDA) marks when the compute stream is done with the layer that last used this slot.
     """
-    rt.loads += 1
-    slot = rt.loads % 2
-    staging, working, tables = rt.staging[slot], rt.working[slot], rt.specs[pos].tables
-    out, staged, used = {}, 0, 0
+    working, tables, out, used = rt.working[slot], rt.specs[pos].tables, {}, 0
     with torch.cuda.stream(rt.copy_stream) if rt.copy_stream is not None else contextlib.nullcontext():
         if ready is not None:
             rt.copy_stream.wait_event(ready)
-        for name, sw in rt.weights[pos].items():
-            if isinstance(sw.store, DiskStore):
-                data = sw.store.read(0, sw.codec.nbytes, out=staging[staged:])
-                staged += DiskStore.staging_bytes(sw.codec.nbytes)
-            else:
-                data = sw.store.read(0, sw.codec.nbytes)
-            table = name in tables
-            room = sw.codec.working_room(table, data.device, rt.device, rt.compute_dtype)
+        for name, data in stored.items():
+            codec, table = rt.weights[pos][name].codec, name in tables
+            room = codec.working_room(table, data.device, rt.device, rt.compute_dtype)
             buf, used = working[used:used + room], used + room
             if table:  # kept in stored form, decoded a slice at a time where it is used
-                out[name] = Table(buf[:data.numel()].copy_(data, non_blocking=True) if room else data, sw.codec,
+                out[name] = Table(buf[:data.numel()].copy_(data, non_blocking=True) if room else data, codec,
                                   rt.compute_dtype)
             else:
-                out[name] = sw.codec.decode(data, rt.device, rt.compute_dtype,
-                                            out=sw.codec.working(buf, rt.compute_dtype) if room else None)
+                out[name] = codec.decode(data, rt.device, rt.compute_dtype,
+                                         out=codec.working(buf, rt.compute_dtype) if room else None)
     if rt.copy_stream is not None:
         rt.copy_stream.synchronize()
     return out
+
+
+class LayerLoad:
+    """One layer on its way to the compute device, in the next of the two buffer slots.
+
+    Disk reads run on an I/O worker, since they wait on the disk, not on a core. On a GPU the upload and
+    decoding run there too, on the copy stream. On a CPU, decoding runs on the compute thread when the
+    layer is needed: a second thread decoding would only fight compute for the same cores.
+    """
+
+    def __init__(self, rt: Runtime, pos: int, ready: torch.cuda.Event | None):
+        rt.loads += 1
+        self.rt, self.pos, self.slot = rt, pos, rt.loads % 2
+        self.decoded = rt.copy_stream is not None
+        if self.decoded:
+            job = functools.partial(_read_and_decode, rt, pos, self.slot, ready)
+        else:
+            job = functools.partial(read_layer, rt, pos, self.slot)
+        self.future = rt.submit(job, background=rt.background[pos])
+
+    def result(self) -> dict[str, torch.Tensor | Table]:
+        done = self.future.result()
+        return done if self.decoded else decode_layer(self.rt, self.pos, self.slot, done)
+
+    def wait(self) -> None:
+        self.future.result()
+
+
+def _read_and_decode(rt: Runtime, pos: int, slot: int, ready: torch.cuda.Event | None):
+    return decode_layer(rt, pos, slot, read_layer(rt, pos, slot), ready)
 
 
 # -- KV cache ------------------------------------------------------------------------------------------
@@ -303,7 +338,7 @@ def run_block(rt: Runtime, batches: list[Rows], steps: int, echo: bool, on_step:
     acts = [Activation(rt, len(r.index) * r.ids.shape[1] * cfg.hidden) for r in batches]
     inputs = [r.ids.to(rt.device) for r in batches]
     finished = [False] * len(batches)
-    weight_future = rt.submit(load_layer, rt, 0, _compute_done(rt), background=rt.moves[0])
+    next_layer = LayerLoad(rt, 0, _compute_done(rt))
     try:
         for step in range(steps):
             start = time.perf_counter()
@@ -312,11 +347,11 @@ def run_block(rt: Runtime, batches: list[Rows], steps: int, echo: bool, on_step:
                     r.valid = torch.cat([r.valid, torch.ones(len(r.index), 1, dtype=torch.bool)], dim=1)
             ctxs = [_step_ctx(r, step, rt.device) for r in batches]
             for pos, spec in enumerate(rt.specs):
-                w = weight_future.result()
-                weight_future = None
+                w = next_layer.result()
+                next_layer = None
                 if not (step == steps - 1 and pos == n_layers - 1):
                     nxt = (pos + 1) % n_layers
-                    weight_future = rt.submit(load_layer, rt, nxt, _compute_done(rt), background=rt.moves[nxt])
+                    next_layer = LayerLoad(rt, nxt, _compute_done(rt))
                 fetch = _fetch(rt, caches[spec.index][0]) if spec.kind == "decoder" else None
                 for k, rows in enumerate(batches):
                     if spec.kind == "embed":
@@ -341,9 +376,9 @@ def run_block(rt: Runtime, batches: list[Rows], steps: int, echo: bool, on_step:
             if all(finished):
                 break
     finally:
-        if weight_future is not None:
+        if next_layer is not None:
             with contextlib.suppress(Exception):  # the error that stopped the block is the one to report
-                weight_future.result()
+                next_layer.wait()
         for layer in caches:
             for cache in layer:
                 cache.close()
