@@ -91,29 +91,48 @@ class WeightCodec:
             return self.shape[1], self.shape[0]
         return self.shape[0], math.prod(self.shape[1:])
 
-    def decode_rows(self, data: torch.Tensor, index: slice | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Stored rows `index` of a 2-D weight whose bytes `data` are on the compute device."""
+    def decode_rows(self, data: torch.Tensor, index: slice | torch.Tensor, dtype: torch.dtype,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+        """Stored rows `index` of a 2-D weight whose bytes `data` are on the compute device, into `out` if given."""
         if isinstance(index, torch.Tensor):
             index = index.to(data.device)
         rows, width = self.stored_rows
         if self.quant is None:
-            return data.view(self.storage).view(rows, width)[index].to(dtype)
+            stored = data.view(self.storage).view(rows, width)[index]
+            return stored.to(dtype) if out is None else out.copy_(stored)
         from engine.compression import decode_rows
 
-        return decode_rows(data.view(rows, -1)[index], width, self.quant, dtype)
+        return decode_rows(data.view(rows, -1)[index], width, self.quant, dtype, out)
+
+    def decode_columns(self, data: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Stored columns `index` of a quantized weight, as rows (len(index), stored rows): a lookup in a
+        weight stored transposed, decoding only the groups that hold the columns asked for."""
+        from engine.compression import decode_columns
+
+        rows, width = self.stored_rows
+        return decode_columns(data.view(rows, -1), width, self.quant, dtype, index.to(data.device))
 
     def in_place(self, data_device: torch.device, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether stored bytes on `data_device` can be used as the compute tensor without a copy."""
         return self.quant is None and self.storage == dtype and data_device == device
 
-    def working_room(self, table: bool, data_device: torch.device, device: torch.device,
+    def chunked(self, table: bool, device: torch.device) -> bool:
+        """Whether this weight is used in stored form, a chunk at a time (engine.chunked_weight).
+
+        Vocabulary tables always are: they are a model's largest tensors and a lookup needs a few rows.
+        On a CPU, quantized weights are too: a decoded chunk stays in cache for its matmul, where a whole
+        decoded weight goes out to memory and back, which costs more than decoding it.
+        """
+        return table or (self.quant is not None and len(self.shape) == 2 and device.type == "cpu")
+
+    def working_room(self, chunked: bool, data_device: torch.device, device: torch.device,
                      dtype: torch.dtype) -> int:
         """Working-buffer bytes this weight takes when loaded from `data_device`; 0 when used in place.
 
-        A vocabulary table (engine.tables) stays in stored form: it needs room only to move to the device.
+        A chunked weight stays in stored form: it needs room only to move to the device.
         Rounded up to 64 bytes, so the next weight in the buffer stays aligned.
         """
-        if table:
+        if chunked:
             nbytes = 0 if data_device == device else self.nbytes
         else:
             nbytes = 0 if self.in_place(data_device, device, dtype) else math.prod(self.shape) * _elem_bytes(dtype)

@@ -20,6 +20,8 @@ transposed copy of the weight at encode time and nothing at decode time.
 from __future__ import annotations
 
 import functools
+import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -153,6 +155,30 @@ _BLOCK_VALUES = {"cpu": 1 << 20}  # 4 MB of fp32 scratch: stays in L3
 _DEFAULT_BLOCK_VALUES = 1 << 24
 
 
+_held = threading.local()
+
+
+def _scratch(device: torch.device, *specs: tuple[tuple[int, ...], torch.dtype]) -> list[torch.Tensor]:
+    """Scratch tensors of the given shapes and dtypes for one call, carved from one buffer.
+
+    On a CPU each thread keeps that buffer between calls: a fresh MB-sized allocation pays its page
+    faults on every call, which for a cache-sized chunk costs a tenth of decoding it. On a GPU the
+    caching allocator already reuses memory.
+    """
+    sizes = [-(-math.prod(shape) * dtype.itemsize // 64) * 64 for shape, dtype in specs]
+    if device.type == "cpu":
+        buf = getattr(_held, "buf", None)
+        if buf is None or buf.numel() < sum(sizes):
+            buf = _held.buf = torch.empty(sum(sizes), dtype=torch.uint8)
+    else:
+        buf = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+    out, at = [], 0
+    for (shape, dtype), size in zip(specs, sizes, strict=True):
+        out.append(buf[at:at + math.prod(shape) * dtype.itemsize].view(dtype).view(shape))
+        at += size
+    return out
+
+
 def _blocks(n: int, m: int, device: torch.device) -> tuple[int, list[slice]]:
     """Rows per block and the blocks' row slices."""
     rows = max(1, min(n, _BLOCK_VALUES.get(device.type, _DEFAULT_BLOCK_VALUES) // m))
@@ -171,9 +197,10 @@ def encode_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         rows = rows.contiguous()
     out = torch.empty(rows.shape[0], nbytes, dtype=torch.uint8, device=x.device)
     block_rows, blocks = _blocks(rows.shape[0], m, x.device)
-    scratch = torch.empty(block_rows, num_groups * g, device=x.device)
-    codes_scratch = torch.zeros(block_rows, -(-m // 8) * 8, dtype=torch.uint8, device=x.device)
-    moved_scratch = torch.empty(block_rows, -(-m // 8), dtype=torch.int64, device=x.device)
+    scratch, codes_scratch, moved_scratch = _scratch(
+        x.device, ((block_rows, num_groups * g), torch.float32), ((block_rows, -(-m // 8) * 8), torch.uint8),
+        ((block_rows, -(-m // 8)), torch.int64))
+    codes_scratch.zero_()
     for block in blocks:
         n = rows[block].shape[0]
         values = scratch[:n]
@@ -195,9 +222,12 @@ def encode_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], nbytes)
 
 
-def _fp16_field(raw: torch.Tensor) -> torch.Tensor:
-    """fp32 values of fp16 bytes (n, 2k); the copy gives the even offset an fp16 view needs."""
-    return raw.clone(memory_format=torch.contiguous_format).view(torch.float16).float()
+def _group_fields(raw: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (minimums, steps) (n, G) from the fp16 field bytes (n, 4G) that end each row.
+
+    The copy gives the even offset an fp16 view needs."""
+    both = raw.clone(memory_format=torch.contiguous_format).view(torch.float16).float()
+    return both[:, :num_groups], both[:, num_groups:]
 
 
 def decode_rows(data: torch.Tensor, m: int, spec: QuantSpec, dtype: torch.dtype,
@@ -224,21 +254,44 @@ def decode_rows(data: torch.Tensor, m: int, spec: QuantSpec, dtype: torch.dtype,
     result, out = out, out.view(-1, m)
     direct = dtype == torch.float32 and num_groups * g == m  # no scratch: compute in the output
     block_rows, blocks = _blocks(rows.shape[0], m, data.device)
-    scratch = None if direct else torch.empty(block_rows, num_groups * g, device=data.device)
-    codes_scratch = torch.empty(block_rows, width, dtype=torch.uint8, device=data.device)
-    moved_scratch = torch.empty(block_rows, width // 8, dtype=torch.int64, device=data.device)
+    codes_scratch, moved_scratch, scratch = _scratch(
+        data.device, ((block_rows, width), torch.uint8), ((block_rows, width // 8), torch.int64),
+        ((0 if direct else block_rows, num_groups * g), torch.float32))
     for block in blocks:
         n = rows[block].shape[0]
         values = out[block] if direct else scratch[:n]
         _unpack(rows[block, :packed_len], spec.bits, codes_scratch[:n], moved_scratch[:n])
         codes = codes_scratch[:n, :num_groups * g]
-        mn = _fp16_field(rows[block, packed_len:packed_len + 2 * num_groups])
-        step = _fp16_field(rows[block, packed_len + 2 * num_groups:])
+        mn, step = _group_fields(rows[block, packed_len:], num_groups)
         groups = values.view(n, num_groups, g)
         groups.copy_(codes.view(n, num_groups, g)).mul_(step.unsqueeze(-1)).add_(mn.unsqueeze(-1))
         if not direct:
             out[block] = values[:, :m]
     return result
+
+
+def decode_columns(data: torch.Tensor, m: int, spec: QuantSpec, dtype: torch.dtype,
+                   columns: torch.Tensor) -> torch.Tensor:
+    """Values `columns` (k,) of every encoded row (n, row_nbytes(m)), as (k, n): an embedding lookup in
+    a table quantized along its vocabulary, which decodes only the groups holding those columns.
+
+    A group's codes start on a byte boundary when group·bits is a multiple of 8 (any group of 64, say);
+    each wanted group of each row is then cut out as a one-group row of its own and decoded. Otherwise
+    the rows are decoded whole.
+    """
+    n, g = data.shape[0], spec.group
+    if g * spec.bits % 8:
+        return decode_rows(data, m, spec, dtype)[:, columns].t()
+    groups, which = torch.unique(torch.div(columns, g, rounding_mode="floor"), return_inverse=True)
+    code_bytes, packed_len, num_groups = g * spec.bits // 8, _packed_nbytes(m, spec), _num_groups(m, spec)
+    # a short last group's codes may run past the packed bytes (clamped into the row): the codes read
+    # there belong to columns past m, which are never asked for
+    codes = (groups[:, None] * code_bytes + torch.arange(code_bytes, device=data.device)).clamp_(max=packed_len - 1)
+    fields = groups[:, None] * 2 + torch.arange(2, device=data.device)
+    parts = (codes, packed_len + fields, packed_len + 2 * num_groups + fields)
+    one_group_rows = torch.cat([data[:, p.reshape(-1)].view(n, len(groups), -1) for p in parts], dim=-1)
+    values = decode_rows(one_group_rows, g, spec, dtype)  # (n, groups, g)
+    return values[:, which, columns % g].t()
 
 
 # -- 2-D weights -------------------------------------------------------------------------------------

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.chunked_weight import ChunkedWeight
 from engine.codec import RowCodec, WeightCodec
 from engine.config import ModelConfig
 from engine.models import LayerSpec
 from engine.models.layers import attention
 from engine.placement import split_count
 from engine.policy import Policy
-from engine.tables import Table
 from engine.tiers import DiskStore, MemoryStore, Tier, aligned_empty
 
 Store = MemoryStore | DiskStore
@@ -111,7 +111,7 @@ def read_layer(rt: Runtime, pos: int, slot: int) -> dict[str, torch.Tensor]:
 
 
 def decode_layer(rt: Runtime, pos: int, slot: int, stored: dict[str, torch.Tensor],
-                 ready: torch.cuda.Event | None = None) -> dict[str, torch.Tensor | Table]:
+                 ready: torch.cuda.Event | None = None) -> dict[str, torch.Tensor | ChunkedWeight]:
     """Layer `pos` in compute form: in place where possible, else decoded into the slot's working buffer.
 
     `ready` (CUDA) marks when the compute stream is done with the layer that last used this slot.
@@ -121,12 +121,13 @@ def decode_layer(rt: Runtime, pos: int, slot: int, stored: dict[str, torch.Tenso
         if ready is not None:
             rt.copy_stream.wait_event(ready)
         for name, data in stored.items():
-            codec, table = rt.weights[pos][name].codec, name in tables
-            room = codec.working_room(table, data.device, rt.device, rt.compute_dtype)
+            codec = rt.weights[pos][name].codec
+            chunked = codec.chunked(name in tables, rt.device)
+            room = codec.working_room(chunked, data.device, rt.device, rt.compute_dtype)
             buf, used = working[used:used + room], used + room
-            if table:  # kept in stored form, decoded a slice at a time where it is used
-                out[name] = Table(buf[:data.numel()].copy_(data, non_blocking=True) if room else data, codec,
-                                  rt.compute_dtype)
+            if chunked:  # kept in stored form, decoded a chunk at a time where it is used
+                out[name] = ChunkedWeight(buf[:data.numel()].copy_(data, non_blocking=True) if room else data,
+                                          codec, rt.compute_dtype)
             else:
                 out[name] = codec.decode(data, rt.device, rt.compute_dtype,
                                          out=codec.working(buf, rt.compute_dtype) if room else None)
@@ -153,7 +154,7 @@ class LayerLoad:
             job = functools.partial(read_layer, rt, pos, self.slot)
         self.future = rt.submit(job, background=rt.background[pos])
 
-    def result(self) -> dict[str, torch.Tensor | Table]:
+    def result(self) -> dict[str, torch.Tensor | ChunkedWeight]:
         done = self.future.result()
         return done if self.decoded else decode_layer(self.rt, self.pos, self.slot, done)
 
@@ -403,12 +404,12 @@ def _head(rt: Runtime, w: dict, x: torch.Tensor, rows: Rows, echo: bool):
     """Log-probs of the next token, and with `echo` of every prompt token after the first."""
     lm = w["lm_head"]
     h = rt.adapter.final(rt.cfg, w, x if echo else x[:, -1:])
-    last = torch.log_softmax(lm.logits(h[:, -1]).float(), dim=-1)
+    last = torch.log_softmax(lm.linear(h[:, -1]).float(), dim=-1)
     if not echo:
         return last, None
     targets, chunk, parts = rows.ids.to(rt.device), 64, []
     for i in range(0, h.shape[1] - 1, chunk):
-        lp = torch.log_softmax(lm.logits(h[:, i:i + chunk]).float(), dim=-1)
+        lp = torch.log_softmax(lm.linear(h[:, i:i + chunk]).float(), dim=-1)
         tgt = targets[:, i + 1:i + 1 + lp.shape[1]]
         parts.append(lp[:, :tgt.shape[1]].gather(-1, tgt[..., None])[..., 0])
     prompt_lp = torch.cat(parts, dim=1) if parts else torch.empty(h.shape[0], 0, device=rt.device)

@@ -6,13 +6,14 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import HELM_DATA
 from policies import POLICIES
 
 from engine import Engine, Policy
+from engine.chunked_weight import ChunkedWeight
 from engine.codec import WeightCodec
 from engine.compression import QuantSpec
-from engine.tables import Table
 
 MIXED = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28], [40, 41, 42, 43]]
 W4C4 = dict(compress_weight=True, compress_cache=True)
@@ -64,16 +65,20 @@ PINNED_W4C4_PPL_RATIO = 1.25  # measured 1.11 on the first 20 texts (python -m e
 
 @pytest.mark.parametrize("storage,quant,dim", [(torch.float32, None, 0), (torch.float16, None, 0),
                                                (torch.float16, QuantSpec(4, 8), 0),
-                                               (torch.float16, QuantSpec(3, 8), 1)],
-                         ids=["fp32-in-place", "fp16", "w4-dim0", "w3-dim1"])
-def test_vocabulary_tables_decode_slices_like_the_whole_weight(storage, quant, dim, monkeypatch):
-    """Embedding lookups and LM heads decode chunk by chunk; the result must equal decoding it all."""
-    monkeypatch.setattr("engine.tables.CHUNK_ELEMS", 7 * 24)  # several chunks, the last one short
-    codec = WeightCodec((50, 24), storage, quant, dim)
-    data = codec.encode(torch.randn(50, 24))
+                                               (torch.float16, QuantSpec(3, 8), 1),
+                                               (torch.float16, QuantSpec(4, 64), 0),
+                                               (torch.float16, QuantSpec(3, 10), 0)],
+                         ids=["fp32-in-place", "fp16", "w4-dim0", "w3-dim1", "w4-g64-short-group", "w3-unaligned"])
+def test_chunked_weights_decode_like_the_whole_weight(storage, quant, dim, monkeypatch):
+    """Lookups and matmuls decode chunk by chunk (lookups in a weight quantized along its rows only the
+    groups they need); every result must equal decoding the whole weight first."""
+    monkeypatch.setattr("engine.chunked_weight.CHUNK_ELEMS", 7 * 24)  # several chunks, the last one short
+    codec = WeightCodec((100, 24), storage, quant, dim)
+    data = codec.encode(torch.randn(100, 24))
     full = codec.decode(data, torch.device("cpu"), torch.float32)
-    table = Table(data, codec, torch.float32)
-    ids = torch.tensor([[3, 49, 0], [3, 7, 7]])
-    assert torch.equal(table[ids], full[ids])
-    h = torch.randn(2, 5, 24)
-    torch.testing.assert_close(table.logits(h), h @ full.T)
+    weight = ChunkedWeight(data, codec, torch.float32)
+    ids = torch.tensor([[3, 99, 0], [64, 7, 7]])
+    assert torch.equal(weight[ids], full[ids])
+    h, bias = torch.randn(2, 5, 24), torch.randn(100)
+    torch.testing.assert_close(weight.linear(h), F.linear(h, full))
+    torch.testing.assert_close(weight.linear(h, bias), F.linear(h, full, bias))
