@@ -113,10 +113,11 @@ class Engine:
                      _quant(policy.comp_cache_bits, policy.comp_cache_group) if policy.compress_cache else None,
                      torch.cuda.Stream(dev) if dev.type == "cuda" else None)
         rt.reserve_buffers(work["gpu"] // 2, work["cpu"] // 2)
-        # Workers take disk reads, and on a GPU the uploads and decoding too (see schedule.LayerLoad).
-        rt.background = [memory.layer_staging_bytes(layer) > 0 or (
-            dev.type == "cuda" and memory.layer_working_bytes(layer, spec.tables, dev, compute) > 0)
-            for layer, spec in zip(placed, specs, strict=True)]
+        # Workers take direct disk reads, and on a GPU any disk reads, uploads and decoding (schedule.LayerLoad).
+        cuda = dev.type == "cuda"
+        rt.background = [(memory.layer_staging_bytes(layer) > 0 and (policy.direct_io or cuda))
+                         or (cuda and memory.layer_working_bytes(layer, spec.tables, dev, compute) > 0)
+                         for layer, spec in zip(placed, specs, strict=True)]
 
         def sink(pos: int, name: str, tensor: torch.Tensor) -> None:
             sw = weights[pos][name]

@@ -116,23 +116,14 @@ class WeightCodec:
         """Whether stored bytes on `data_device` can be used as the compute tensor without a copy."""
         return self.quant is None and self.storage == dtype and data_device == device
 
-    def chunked(self, table: bool, device: torch.device) -> bool:
-        """Whether this weight is used in stored form, a chunk at a time (engine.chunked_weight).
-
-        Vocabulary tables always are: they are a model's largest tensors and a lookup needs a few rows.
-        On a CPU, quantized weights are too: a decoded chunk stays in cache for its matmul, where a whole
-        decoded weight goes out to memory and back, which costs more than decoding it.
-        """
-        return table or (self.quant is not None and len(self.shape) == 2 and device.type == "cpu")
-
-    def working_room(self, chunked: bool, data_device: torch.device, device: torch.device,
+    def working_room(self, table: bool, data_device: torch.device, device: torch.device,
                      dtype: torch.dtype) -> int:
         """Working-buffer bytes this weight takes when loaded from `data_device`; 0 when used in place.
 
-        A chunked weight stays in stored form: it needs room only to move to the device.
+        A vocabulary table (engine.tables) stays in stored form: it needs room only to move to the device.
         Rounded up to 64 bytes, so the next weight in the buffer stays aligned.
         """
-        if chunked:
+        if table:
             nbytes = 0 if data_device == device else self.nbytes
         else:
             nbytes = 0 if self.in_place(data_device, device, dtype) else math.prod(self.shape) * _elem_bytes(dtype)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from engine.chunked_weight import CHUNK_ELEMS
 from engine.codec import RowCodec, WeightCodec
 from engine.config import ModelConfig
 from engine.errors import UserError
@@ -12,6 +11,7 @@ from engine.host_memory import available_ram
 from engine.models import LayerSpec
 from engine.placement import split_count
 from engine.policy import TIERS, Policy
+from engine.tables import CHUNK_ELEMS
 from engine.tiers import DiskStore, human
 
 _CHECK_HINT = "raise the budget (--gpu-mem/--cpu-mem, a bigger --offload-dir) or move data with --percent"
@@ -39,10 +39,10 @@ def layer_working_bytes(layer: dict[str, tuple[str, WeightCodec]], tables: tuple
                         device: torch.device, compute: torch.dtype) -> int:
     """Working-buffer room for one layer's weights in compute form; weights used in place need none.
 
-    Chunked weights stay in stored form (engine.chunked_weight): they only need room when their bytes
+    Vocabulary tables stay in stored form (engine.tables): they only need room when their bytes
     must first be moved to the device.
     """
-    return sum(codec.working_room(codec.chunked(name in tables, device), data_device(tier, device), device, compute)
+    return sum(codec.working_room(name in tables, data_device(tier, device), device, compute)
                for name, (tier, codec) in layer.items())
 
 
@@ -72,7 +72,7 @@ def block_bytes(cfg: ModelConfig, policy: Policy, batches: list[tuple[int, int]]
     rows, length = max(batches, key=lambda rl: rl[0] * rl[1])
     transient = rows * length * (cfg.ffn + 4 * cfg.hidden) * compute_elem
     transient += rows * cfg.n_heads * length * length * 4 + rows * cfg.vocab_size * 4 * 2
-    transient += CHUNK_ELEMS * compute_elem  # one decoded chunk of a chunked weight
+    transient += CHUNK_ELEMS * compute_elem  # one decoded chunk of a vocabulary table
     total["gpu"] += transient
     return total
 

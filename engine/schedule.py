@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.chunked_weight import ChunkedWeight
 from engine.codec import RowCodec, WeightCodec
 from engine.config import ModelConfig
 from engine.models import LayerSpec
 from engine.models.layers import attention
 from engine.placement import split_count
 from engine.policy import Policy
+from engine.tables import Table
 from engine.tiers import DiskStore, MemoryStore, Tier, aligned_empty
 
 Store = MemoryStore | DiskStore
@@ -111,7 +111,7 @@ def read_layer(rt: Runtime, pos: int, slot: int) -> dict[str, torch.Tensor]:
 
 
 def decode_layer(rt: Runtime, pos: int, slot: int, stored: dict[str, torch.Tensor],
-                 ready: torch.cuda.Event | None = None) -> dict[str, torch.Tensor | ChunkedWeight]:
+                 ready: torch.cuda.Event | None = None) -> dict[str, torch.Tensor | Table]:
     """Layer `pos` in compute form: in place where possible, else decoded into the slot's working buffer.
 
     `ready` (CUDA) marks when the compute stream is done with the layer that last used this slot.
@@ -121,13 +121,12 @@ def decode_layer(rt: Runtime, pos: int, slot: int, stored: dict[str, torch.Tenso
         if ready is not None:
             rt.copy_stream.wait_event(ready)
         for name, data in stored.items():
-            codec = rt.weights[pos][name].codec
-            chunked = codec.chunked(name in tables, rt.device)
-            room = codec.working_room(chunked, data.device, rt.device, rt.compute_dtype)
+            codec, table = rt.weights[pos][name].codec, name in tables
+            room = codec.working_room(table, data.device, rt.device, rt.compute_dtype)
             buf, used = working[used:used + room], used + room
-            if chunked:  # kept in stored form, decoded a chunk at a time where it is used
-                out[name] = ChunkedWeight(buf[:data.numel()].copy_(data, non_blocking=True) if room else data,
-                                          codec, rt.compute_dtype)
+            if table:  # kept in stored form, decoded a slice at a time where it is used
+                out[name] = Table(buf[:data.numel()].copy_(data, non_blocking=True) if room else data, codec,
+                                  rt.compute_dtype)
             else:
                 out[name] = codec.decode(data, rt.device, rt.compute_dtype,
                                          out=codec.working(buf, rt.compute_dtype) if room else None)
@@ -139,31 +138,37 @@ def decode_layer(rt: Runtime, pos: int, slot: int, stored: dict[str, torch.Tenso
 class LayerLoad:
     """One layer on its way to the compute device, in the next of the two buffer slots.
 
-    Disk reads run on an I/O worker, since they wait on the disk, not on a core. On a GPU the upload and
-    decoding run there too, on the copy stream. On a CPU, decoding runs on the compute thread when the
-    layer is needed: a second thread decoding would only fight compute for the same cores.
+    What a worker does, it does while the previous layer computes; the rest happens on the compute
+    thread when the layer is needed. On a GPU a worker reads, uploads and decodes (on the copy stream).
+    On a CPU, decoding stays on the compute thread, where a second thread would only fight compute for
+    the same cores, and so does a buffered disk read, which is a memcpy out of the page cache: the
+    kernel is asked to bring the bytes into that cache ahead of time instead. Direct reads (DMA, no
+    core needed) always go to a worker.
     """
 
     def __init__(self, rt: Runtime, pos: int, ready: torch.cuda.Event | None):
         rt.loads += 1
-        self.rt, self.pos, self.slot = rt, pos, rt.loads % 2
+        self.rt, self.pos, self.slot, self.ready = rt, pos, rt.loads % 2, ready
         self.decoded = rt.copy_stream is not None
-        if self.decoded:
-            job = functools.partial(_read_and_decode, rt, pos, self.slot, ready)
-        else:
-            job = functools.partial(read_layer, rt, pos, self.slot)
-        self.future = rt.submit(job, background=rt.background[pos])
+        self.future: Future | None = None
+        if rt.policy.overlap and rt.background[pos]:
+            self.future = rt.io.submit(self._load)
+        elif rt.policy.overlap:
+            for sw in rt.weights[pos].values():
+                if isinstance(sw.store, DiskStore):
+                    sw.store.prefetch(0, sw.codec.nbytes)
 
-    def result(self) -> dict[str, torch.Tensor | ChunkedWeight]:
-        done = self.future.result()
+    def _load(self) -> dict:
+        stored = read_layer(self.rt, self.pos, self.slot)
+        return decode_layer(self.rt, self.pos, self.slot, stored, self.ready) if self.decoded else stored
+
+    def result(self) -> dict[str, torch.Tensor | Table]:
+        done = self.future.result() if self.future is not None else self._load()
         return done if self.decoded else decode_layer(self.rt, self.pos, self.slot, done)
 
     def wait(self) -> None:
-        self.future.result()
-
-
-def _read_and_decode(rt: Runtime, pos: int, slot: int, ready: torch.cuda.Event | None):
-    return decode_layer(rt, pos, slot, read_layer(rt, pos, slot), ready)
+        if self.future is not None:
+            self.future.result()
 
 
 # -- KV cache ------------------------------------------------------------------------------------------

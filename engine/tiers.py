@@ -176,6 +176,11 @@ class DiskStore:
         self.tier.count(read=nbytes)
         return buf[offset - start:offset - start + nbytes]
 
+    def prefetch(self, offset: int, nbytes: int) -> None:
+        """Ask the kernel to start reading bytes into the page cache, so a later buffered read only copies."""
+        if self.rfd == self.fd and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+
     @staticmethod
     def staging_bytes(nbytes: int) -> int:
         """Room a read of `nbytes` needs in a staging buffer, keeping the next read aligned."""

@@ -6,14 +6,13 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import HELM_DATA
 from policies import POLICIES
 
 from engine import Engine, Policy
-from engine.chunked_weight import ChunkedWeight
 from engine.codec import WeightCodec
 from engine.compression import QuantSpec
+from engine.tables import Table
 
 MIXED = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28], [40, 41, 42, 43]]
 W4C4 = dict(compress_weight=True, compress_cache=True)
@@ -69,16 +68,15 @@ PINNED_W4C4_PPL_RATIO = 1.25  # measured 1.11 on the first 20 texts (python -m e
                                                (torch.float16, QuantSpec(4, 64), 0),
                                                (torch.float16, QuantSpec(3, 10), 0)],
                          ids=["fp32-in-place", "fp16", "w4-dim0", "w3-dim1", "w4-g64-short-group", "w3-unaligned"])
-def test_chunked_weights_decode_like_the_whole_weight(storage, quant, dim, monkeypatch):
-    """Lookups and matmuls decode chunk by chunk (lookups in a weight quantized along its rows only the
-    groups they need); every result must equal decoding the whole weight first."""
-    monkeypatch.setattr("engine.chunked_weight.CHUNK_ELEMS", 7 * 24)  # several chunks, the last one short
+def test_vocabulary_tables_decode_slices_like_the_whole_weight(storage, quant, dim, monkeypatch):
+    """Lookups and LM heads decode chunk by chunk (lookups in a table quantized along the vocabulary only
+    the groups they need); every result must equal decoding the whole weight first."""
+    monkeypatch.setattr("engine.tables.CHUNK_ELEMS", 7 * 24)  # several chunks, the last one short
     codec = WeightCodec((100, 24), storage, quant, dim)
     data = codec.encode(torch.randn(100, 24))
     full = codec.decode(data, torch.device("cpu"), torch.float32)
-    weight = ChunkedWeight(data, codec, torch.float32)
+    table = Table(data, codec, torch.float32)
     ids = torch.tensor([[3, 99, 0], [64, 7, 7]])
-    assert torch.equal(weight[ids], full[ids])
-    h, bias = torch.randn(2, 5, 24), torch.randn(100)
-    torch.testing.assert_close(weight.linear(h), F.linear(h, full))
-    torch.testing.assert_close(weight.linear(h, bias), F.linear(h, full, bias))
+    assert torch.equal(table[ids], full[ids])
+    h = torch.randn(2, 5, 24)
+    torch.testing.assert_close(table.linear(h), h @ full.T)

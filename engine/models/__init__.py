@@ -26,7 +26,7 @@ class LayerSpec:
     index: int  # decoder index; -1 for embed and head
     shapes: dict[str, tuple[int, ...]]  # engine weight name -> shape
     sources: dict[str, tuple[str, ...]]  # engine weight name -> HF tensor names, concatenated on dim 0
-    tables: tuple[str, ...] = ()  # vocabulary tables: always engine.chunked_weight.ChunkedWeight
+    tables: tuple[str, ...] = ()  # vocabulary tables: used as engine.tables.Table, a slice at a time
 
     @property
     def name(self) -> str:

@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 
 
-def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; `w` may also be an engine.chunked_weight.ChunkedWeight, decoded as it goes."""
-    return F.linear(x, w, b) if isinstance(w, torch.Tensor) else w.linear(x, b)
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x, w, b)
 
 
 def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

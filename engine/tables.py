@@ -1,25 +1,27 @@
-"""Weights used straight from their stored bytes, decoded a cache-sized chunk at a time where used.
+"""Vocabulary tables (embeddings, LM heads) used a slice at a time, straight from their stored bytes.
 
 A vocabulary table is a model's largest tensor (OPT-1.3B: 412 MB in fp32), yet an embedding lookup
-needs only the rows of the tokens at hand and an LM head can be applied a chunk at a time. On a CPU
-the same holds for every quantized weight: decoding a chunk right before its matmul keeps the decoded
-values in cache, where decoding the whole weight first writes it to memory and reads it back, which
-costs more than decoding (see WeightCodec.chunked). A `ChunkedWeight` decodes only what it is asked
-for, at most `CHUNK_ELEMS` values at a time, into one reused buffer.
+needs only the rows of the tokens at hand and an LM head can be applied a chunk at a time. Decoding
+these tables whole into the compute dtype would make them the largest working buffer of every load;
+a `Table` decodes only what it is asked for, at most `CHUNK_ELEMS` values at a time, into one reused
+buffer.
+
+(Decoding every quantized weight this way, a cache-sized chunk right before its matmul, was measured
+on a CPU too, and lost to decoding each weight whole into a reused working buffer: by 10% at batch 8
+and 28% at batch 64 per decode step of OPT-1.3B, as smaller matmuls run less efficiently.)
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from engine.codec import WeightCodec
 
-CHUNK_ELEMS = 1 << 20  # 4 MiB of fp32 per decoded chunk: stays in cache next to its matmul
+CHUNK_ELEMS = 1 << 20  # 4 MiB of fp32 per decoded chunk
 
 
-class ChunkedWeight:
-    """A 2-D weight kept in stored form on the compute device: `w[ids]` and `w.linear(x, bias)`."""
+class Table:
+    """A 2-D weight kept in stored form on the compute device: `table[ids]` and `table.linear(x)`."""
 
     def __init__(self, data: torch.Tensor, codec: WeightCodec, dtype: torch.dtype):
         self.data, self.codec, self.dtype = data, codec, dtype
@@ -45,21 +47,17 @@ class ChunkedWeight:
             return self.codec.decode_rows(self.data, flat, self.dtype).view(*ids.shape, self.width)
         return self.codec.decode_columns(self.data, flat, self.dtype).view(*ids.shape, self.rows)
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """F.linear(x, weight, bias), one decoded chunk at a time."""
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ table.T (an LM head), one decoded chunk at a time."""
         if self.step >= self.rows:
             _, w = next(self._decoded())
-            return F.linear(x, w.t() if self.transposed else w, bias)
-        flat = x.reshape(-1, x.shape[-1])
-        if not self.transposed:  # stored rows are output features: each chunk fills its own columns
-            out = torch.empty(flat.shape[0], self.rows, dtype=x.dtype, device=x.device)
+            return x @ (w if self.transposed else w.t())
+        if not self.transposed:  # stored rows are the outputs: each chunk fills its own columns
+            out = torch.empty(*x.shape[:-1], self.rows, dtype=x.dtype, device=x.device)
             for chunk, w in self._decoded():
-                out[:, chunk] = flat @ w.t()
-            if bias is not None:
-                out += bias
-        else:  # stored rows are input features: every chunk adds to all outputs
-            out = (torch.zeros(flat.shape[0], self.width, dtype=x.dtype, device=x.device) if bias is None
-                   else bias.to(x.dtype).expand(flat.shape[0], -1).clone())
-            for chunk, w in self._decoded():
-                out.addmm_(flat[:, chunk], w)
-        return out.view(*x.shape[:-1], out.shape[-1])
+                out[..., chunk] = x @ w.t()
+            return out
+        out = torch.zeros(*x.shape[:-1], self.width, dtype=x.dtype, device=x.device)
+        for chunk, w in self._decoded():  # stored rows are the inputs: every chunk adds to all outputs
+            out += x[..., chunk] @ w
+        return out
