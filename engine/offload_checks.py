@@ -56,8 +56,8 @@ def run_child(spec: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def overlap(repeats: int, threads: int) -> None:
-    base = dict(model="opt-125m", batch=8, prompt=128, gen=16, direct_io=False, storage="fp32", threads=threads)
+def overlap(repeats: int, threads: int, storage: str) -> None:
+    base = dict(model="opt-125m", batch=8, prompt=128, gen=16, direct_io=False, storage=storage, threads=threads)
     cases = {"all in memory": dict(percent=ALL_IN_MEMORY, overlap=True),
              "weights on disk, overlap on": dict(percent=WEIGHTS_ON_DISK, overlap=True),
              "weights on disk, overlap off": dict(percent=WEIGHTS_ON_DISK, overlap=False)}
@@ -66,7 +66,8 @@ def overlap(repeats: int, threads: int) -> None:
         for name, case in cases.items():
             results[name].append(run_child({**base, **case})["stats"]["tokens_per_s"])
     ref = max(results["all in memory"])
-    print(f"OPT-125m shapes (dummy, fp32), batch 8, prompt 128, gen 16, {threads} threads, best of {repeats}\n")
+    print(f"OPT-125m shapes (dummy, {storage} storage, fp32 compute), batch 8, prompt 128, gen 16, {threads} threads, "
+          f"best of {repeats}\n")
     print("| case | tok/s | ratio to all in memory |\n|---|---|---|")
     for name, values in results.items():
         print(f"| {name} | {max(values):.2f} | {max(values) / ref:.2f} |")
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     o = sub.add_parser("overlap")
     o.add_argument("--repeats", type=int, default=2)
     o.add_argument("--threads", type=int, default=2)
+    o.add_argument("--storage", choices=["fp32", "fp16"], default="fp32",
+                   help="how weights are stored on every tier (compute is fp32 either way)")
     m = sub.add_parser("memory")
     m.add_argument("--gpu-mem", default="256MiB")
     m.add_argument("--cpu-mem", default="160MiB")
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.check == "child":
         print(json.dumps(_run_one(json.loads(args.spec))))
     elif args.check == "overlap":
-        overlap(args.repeats, args.threads)
+        overlap(args.repeats, args.threads, args.storage)
     else:
         memory(args.gpu_mem, args.cpu_mem, args.threads)
 
