@@ -152,7 +152,7 @@ class LayerLoad:
         self.rt, self.pos, self.slot, self.ready = rt, pos, rt.loads % 2, ready
         self.decoded = rt.copy_stream is not None
         self.future: Future | None = None
-        if rt.policy.overlap and rt.background[pos]:
+        if rt.policy.overlap and rt.background[pos] and rt.io is not None:
             self.future = rt.io.submit(self._load)
         elif rt.policy.overlap:
             for sw in rt.weights[pos].values():
