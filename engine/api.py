@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from engine import checkpoint, memory
+from engine import checkpoint, int4_matmul, memory
 from engine.codec import WeightCodec
 from engine.config import ModelConfig
 from engine.errors import UserError
@@ -98,7 +98,9 @@ class Engine:
         wquant = _quant(policy.comp_weight_bits, policy.comp_weight_group) if policy.compress_weight else None
         placed = []
         for spec in specs:
-            codecs = {n: WeightCodec(s, storage, wquant if len(s) == 2 else None, policy.comp_weight_dim)
+            codecs = {n: WeightCodec(s, storage, wquant if len(s) == 2 else None, policy.comp_weight_dim,
+                                     fused=policy.fused_int4 and n not in spec.tables
+                                     and int4_matmul.supported(s, wquant, policy.comp_weight_dim, dev))
                       for n, s in spec.shapes.items()}
             where = place_layer_weights({n: c.nbytes for n, c in codecs.items()}, policy)
             placed.append({n: (where[n], codecs[n]) for n in codecs})

@@ -6,7 +6,9 @@ Workloads:
                cap; (c) this engine in RAM at the peers' batch sizes and under the cap with its best
                policy, plus the ablations overlap off and num_gpu_batches 1.
   compression  decode-heavy and disk-bound (prompt 32, 64 new tokens, weights 100% on disk, O_DIRECT):
-               4-bit compressed weights against uncompressed at batch 8, 32, 64, under the cap.
+               4-bit weights grouped along the output (dim 0) and the input (dim 1, which on a CPU runs
+               decode steps in torch's fused int4 kernel) against uncompressed, at batch 8, 32, 64,
+               under the cap.
 
 Every run is a child process in one memory cgroup, pinned to the same CPUs, started after the
 page cache is dropped; runs are interleaved A B C A B C; a run that overruns --timeout is killed.
@@ -162,7 +164,9 @@ def best_capped_policy(args: argparse.Namespace, checkpoint: Path) -> Policy:
 def policy_label(policy: Policy) -> str:
     pct = " ".join(f"{v:g}" for v in policy.percent)
     flags = (("cpu-attn", policy.cpu_cache_compute), ("no-overlap", not policy.overlap),
-             ("w4", policy.compress_weight), ("c4", policy.compress_cache), ("direct-io", policy.direct_io))
+             (f"w{policy.comp_weight_bits} dim{policy.comp_weight_dim}", policy.compress_weight),
+             (f"c{policy.comp_cache_bits}", policy.compress_cache), ("direct-io", policy.direct_io),
+             ("no-fused-int4", not policy.fused_int4))
     extras = [name for name, on in flags if on]
     return f"{pct}, {policy.gpu_batch_size}x{policy.num_gpu_batches}" + "".join(f", {e}" for e in extras)
 
@@ -205,16 +209,18 @@ def offload_plan(args: argparse.Namespace, checkpoint: Path) -> list[RunConfig]:
 
 
 def compression_plan(args: argparse.Namespace) -> list[RunConfig]:
-    """Uncompressed vs 4-bit weights, weights 100% on disk with O_DIRECT, at each batch, under the cap."""
+    """Uncompressed vs 4-bit weights grouped along each dimension, weights 100% on disk with O_DIRECT,
+    at each batch, under the cap."""
     base = dataclasses.replace(base_policy(args, capped=True), direct_io=True, num_gpu_batches=1)
     if not args.percent:
         base = base.with_percent(*WEIGHTS_ON_DISK)
     gpu, cpu = engine_budgets(args)
+    variants = [("uncompressed", {"compress_weight": False}),
+                *[(f"compressed-dim{d}", {"compress_weight": True, "comp_weight_dim": d}) for d in (0, 1)]]
     configs = []
     for b in args.batches:
-        for compressed in (False, True):
-            p = dataclasses.replace(base, gpu_batch_size=b, compress_weight=compressed)
-            name = "compressed" if compressed else "uncompressed"
+        for name, change in variants:
+            p = dataclasses.replace(base, gpu_batch_size=b, **change)
             configs.append(RunConfig(f"engine/{name}/B{b}", f"engine, {name} ({policy_label(p)})", "engine",
                                      b, args.cap_bytes, policy=p.to_dict(), gpu_mem=gpu, cpu_mem=cpu,
                                      tags=(name,)))

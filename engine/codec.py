@@ -62,12 +62,17 @@ class RowCodec:
 
 @dataclass(frozen=True)
 class WeightCodec:
-    """One weight tensor; 2-D weights may be group-quantized along `dim`."""
+    """One weight tensor; 2-D weights may be group-quantized along `dim`.
+
+    `fused`: a 4-bit weight grouped along dim 1 stored in the layout of torch's fused int4 CPU matmul
+    (engine.int4_matmul): same bytes, other order; decoded to a `PackedLinear` rather than a tensor.
+    """
 
     shape: tuple[int, ...]
     storage: torch.dtype
     quant: object | None = None
     dim: int = 0
+    fused: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -82,7 +87,12 @@ class WeightCodec:
             return w.to(self.storage).contiguous().reshape(-1).view(torch.uint8)
         from engine.compression import encode_weight
 
-        return encode_weight(w, self.quant, self.dim)
+        data = encode_weight(w, self.quant, self.dim)
+        if self.fused:
+            from engine.int4_matmul import to_kernel
+
+            return to_kernel(data.view(self.shape[0], -1), self.shape, self.quant)
+        return data
 
     @property
     def stored_rows(self) -> tuple[int, int]:
@@ -144,6 +154,10 @@ class WeightCodec:
             if out is None:
                 return stored.to(device=device, dtype=dtype, non_blocking=True)
             return out.copy_(stored, non_blocking=True)
+        if self.fused:
+            from engine.int4_matmul import decode
+
+            return decode(data, self.shape, self.quant, dtype, out)
         from engine.compression import decode_weight
 
         return decode_weight(data.to(device, non_blocking=True), self.shape, self.quant, self.dim, dtype, out)

@@ -41,6 +41,9 @@ class Policy:
     comp_weight_bits: int = 4
     comp_weight_group: int = 64
     comp_weight_dim: int = 0
+    # On a CPU, 4-bit weights grouped along dim 1 run small products (decode steps) in torch's fused int4
+    # kernel with bf16 activations (engine.int4_matmul); False keeps every product in compute_dtype.
+    fused_int4: bool = True
     comp_cache_bits: int = 4
     comp_cache_group: int = 64
     compute_dtype: str | None = None  # None: fp32 on CPU, fp16 on a GPU
@@ -171,6 +174,11 @@ def add_policy_args(parser: argparse.ArgumentParser, *, default_block: tuple[int
     g.add_argument("--compress-cache", action="store_true", help="4-bit group-wise KV cache")
     g.add_argument("--comp-bits", type=int, default=4, help="bits for compressed weights and cache")
     g.add_argument("--comp-group", type=int, default=64, help="group size for compression")
+    g.add_argument("--comp-dim", type=int, choices=[0, 1], default=0,
+                   help="group weights along the output (0) or input (1) dimension")
+    g.add_argument("--no-fused-int4", action="store_true",
+                   help="on a CPU, decode 4-bit dim-1 weights for every product instead of running "
+                        "decode steps in torch's fused int4 kernel (bf16 activations)")
 
 
 def policy_from_args(args: argparse.Namespace) -> Policy:
@@ -182,7 +190,8 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
         gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches,
         overlap=not args.no_overlap, cpu_cache_compute=args.cpu_cache_compute,
         pin_weight=bool(args.pin_weight), compress_weight=cw, compress_cache=cc,
-        comp_weight_bits=args.comp_bits, comp_weight_group=args.comp_group,
+        comp_weight_bits=args.comp_bits, comp_weight_group=args.comp_group, comp_weight_dim=args.comp_dim,
+        fused_int4=not args.no_fused_int4,
         comp_cache_bits=args.comp_bits, comp_cache_group=args.comp_group,
         compute_dtype=args.compute_dtype, storage_dtype=args.storage_dtype,
         direct_io=args.direct_io, threads=args.threads,

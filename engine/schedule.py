@@ -18,6 +18,7 @@ import torch
 
 from engine.codec import RowCodec, WeightCodec
 from engine.config import ModelConfig
+from engine.int4_matmul import PackedLinear
 from engine.models import LayerSpec
 from engine.models.layers import attention
 from engine.placement import split_count
@@ -111,7 +112,7 @@ def read_layer(rt: Runtime, pos: int, slot: int) -> dict[str, torch.Tensor]:
 
 
 def decode_layer(rt: Runtime, pos: int, slot: int, stored: dict[str, torch.Tensor],
-                 ready: torch.cuda.Event | None = None) -> dict[str, torch.Tensor | Table]:
+                 ready: torch.cuda.Event | None = None) -> dict[str, torch.Tensor | Table | PackedLinear]:
     """Layer `pos` in compute form: in place where possible, else decoded into the slot's working buffer.
 
     `ready` (CUDA) marks when the compute stream is done with the layer that last used this slot.
@@ -127,6 +128,8 @@ def decode_layer(rt: Runtime, pos: int, slot: int, stored: dict[str, torch.Tenso
             if table:  # kept in stored form, decoded a slice at a time where it is used
                 out[name] = Table(buf[:data.numel()].copy_(data, non_blocking=True) if room else data, codec,
                                   rt.compute_dtype)
+            elif codec.fused:  # multiplied from its packed bytes, or decoded into buf for large products
+                out[name] = PackedLinear(data, codec.shape, codec.quant, codec.working(buf, rt.compute_dtype))
             else:
                 out[name] = codec.decode(data, rt.device, rt.compute_dtype,
                                          out=codec.working(buf, rt.compute_dtype) if room else None)
@@ -163,7 +166,7 @@ class LayerLoad:
         stored = read_layer(self.rt, self.pos, self.slot)
         return decode_layer(self.rt, self.pos, self.slot, stored, self.ready) if self.decoded else stored
 
-    def result(self) -> dict[str, torch.Tensor | Table]:
+    def result(self) -> dict[str, torch.Tensor | Table | PackedLinear]:
         done = self.future.result() if self.future is not None else self._load()
         return done if self.decoded else decode_layer(self.rt, self.pos, self.slot, done)
 

@@ -69,6 +69,8 @@ class EngineSpec:
             "compression": p.compression_label(),
             "compression_params": [p.comp_weight_bits, p.comp_weight_group, p.comp_weight_dim,
                                    p.comp_cache_bits, p.comp_cache_group],
+            # bf16 activations in the fused int4 kernel (engine.int4_matmul) change outputs slightly
+            "fused_int4": p.compress_weight and p.comp_weight_dim == 1 and p.fused_int4,
             "seed": self.seed,
         }
 

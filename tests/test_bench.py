@@ -184,11 +184,12 @@ def test_compression_plan_pairs_compressed_and_uncompressed_weights_on_disk_with
     args = _args("--workload", "compression")
     assert (args.prompt_len, args.gen_len, args.batches) == (32, 64, [8, 32, 64])
     plan = compression_plan(args)
-    assert [(c.batch, "compressed" in c.tags) for c in plan] == [
-        (8, False), (8, True), (32, False), (32, True), (64, False), (64, True)]
+    variants = ["uncompressed", "compressed-dim0", "compressed-dim1"]
+    assert [(c.batch, c.tags[0]) for c in plan] == [(b, v) for b in (8, 32, 64) for v in variants]
     for c in plan:
         assert c.policy["direct_io"] and c.policy["w_gpu_percent"] == 0 and c.policy["w_cpu_percent"] == 0
-        assert c.policy["compress_weight"] == ("compressed" in c.tags) and c.cap_bytes == 3 * 2**30
+        assert c.policy["compress_weight"] == (c.tags[0] != "uncompressed") and c.cap_bytes == 3 * 2**30
+        assert c.tags[0] == "uncompressed" or c.tags[0] == f"compressed-dim{c.policy['comp_weight_dim']}"
     json.dumps([c.policy for c in plan])  # specs travel to the child as JSON
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine.int4_matmul import PackedLinear
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    return F.linear(x, w, b)
+
+def linear(x: torch.Tensor, w: torch.Tensor | PackedLinear, b: torch.Tensor | None = None) -> torch.Tensor:
+    return w.linear(x, b) if isinstance(w, PackedLinear) else F.linear(x, w, b)
 
 
 def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
