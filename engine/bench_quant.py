@@ -8,6 +8,12 @@ because on a CPU the page faults of a fresh allocation can cost as much as the d
 
     python -m engine.bench_quant                       # 2048x8192, 4/64 3/64 2/64 8/64, both dims
     python -m engine.bench_quant --specs 4/64,4/128 --shape 4096x4096 --threads 2
+    python -m engine.bench_quant --fused 1,8,32,48,64,256 --threads 2   # 4-bit products by rows
+
+`--fused` times a 4-bit/64 product x @ W.T (W grouped along the input dimension) by rows of x, three
+ways: torch's fused int4 kernel on the packed bytes (engine.int4_matmul), decoding W into a buffer
+then an fp32 F.linear (what the engine does otherwise), and, as the peer, the F.linear alone on an
+fp32 W already in memory. It sets engine.int4_matmul.FUSED_MAX_ROWS.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
+from engine import int4_matmul
 from engine.bench_report import markdown_table
 from engine.compression import QuantSpec, decode_weight, encode_weight, weight_nbytes
 from engine.errors import UserError, cli_main
@@ -104,6 +111,32 @@ def bench_device(device: torch.device, shape: tuple[int, int], specs: list[Quant
     return rows
 
 
+def bench_fused(shape: tuple[int, int], rows: list[int], warmup: int, repeats: int) -> list[list[str]]:
+    """Table rows: per row count, ms of the fused kernel, of decode + fp32 F.linear, and of F.linear alone."""
+    spec, cpu = QuantSpec(4, 64), torch.device("cpu")
+    if not int4_matmul.supported(shape, spec, 1, cpu):
+        raise UserError(f"torch's fused int4 kernel cannot take a {shape[0]}x{shape[1]} weight at 4 bits, group 64, "
+                        "here; --fused needs a CPU whose int4 packing engine.int4_matmul models and sizes that fit it")
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    packed = int4_matmul.to_kernel(encode_weight(w, spec, 1).view(shape[0], -1), shape, spec)
+    w_hat, buffer = int4_matmul.decode(packed, shape, spec, torch.float32), torch.empty(shape)
+    out = []
+    def decode_then_linear(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, int4_matmul.decode(packed, shape, spec, torch.float32, buffer))
+
+    fused = int4_matmul.PackedLinear(packed, shape, spec, buffer)
+    for n in tqdm(rows, desc="fused int4", leave=False):
+        x = torch.randn(n, shape[1])
+        fused_s, decode_s, gemm_s = (
+            median_seconds(functools.partial(fn, x), cpu, warmup, repeats)
+            for fn in (fused.fused_product, decode_then_linear, functools.partial(torch.nn.functional.linear,
+                                                                                  weight=w_hat)))
+        out.append([str(n), f"{fused_s * 1e3:.1f}", f"{decode_s * 1e3:.1f}", f"{gemm_s * 1e3:.1f}",
+                    f"{decode_s / fused_s:.2f}", f"{gemm_s / fused_s:.2f}",
+                    "fused" if n <= int4_matmul.FUSED_MAX_ROWS else "decode + F.linear"])
+    return out
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
@@ -114,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--fused", metavar="ROWS",
+                        help="instead of the codec table: 4-bit products by rows of x, e.g. 1,8,32,64")
     args = parser.parse_args(argv)
     shape, specs = parse_shape(args.shape), parse_specs(args.specs)
     devices = parse_devices(args.devices or ("cpu,cuda" if torch.cuda.is_available() else "cpu"))
@@ -123,6 +158,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"weight {shape[0]}x{shape[1]} fp32 ({shape[0] * shape[1] * 4 / 1e9:.3f} GB); torch "
           f"{torch.__version__}, {torch.get_num_threads()} CPU threads; median of {args.repeats} after "
           f"{args.warmup} warmup; GB/s counts fp32 bytes (4 per element) read or written")
+    if args.fused:
+        try:
+            rows = [int(v) for v in args.fused.split(",")]
+        except ValueError:
+            raise UserError(f"--fused takes row counts such as 1,8,32,64, got {args.fused!r}") from None
+        header = ["rows of x", "fused int4 ms", "decode + F.linear ms", "F.linear alone (peer) ms",
+                  "fused speed-up vs decode + F.linear", "vs F.linear alone", "engine uses"]
+        print(markdown_table(header, bench_fused(shape, rows, args.warmup, args.repeats)))
+        return
     for device in devices:
         if device.type == "cuda":
             print(f"cuda: {torch.cuda.get_device_name(device)}")

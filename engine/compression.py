@@ -158,7 +158,7 @@ _DEFAULT_BLOCK_VALUES = 1 << 24
 _held = threading.local()
 
 
-def _scratch(device: torch.device, *specs: tuple[tuple[int, ...], torch.dtype]) -> list[torch.Tensor]:
+def scratch_tensors(device: torch.device, *specs: tuple[tuple[int, ...], torch.dtype]) -> list[torch.Tensor]:
     """Scratch tensors of the given shapes and dtypes for one call, carved from one buffer.
 
     On a CPU each thread keeps that buffer between calls: a fresh MB-sized allocation pays its page
@@ -179,9 +179,9 @@ def _scratch(device: torch.device, *specs: tuple[tuple[int, ...], torch.dtype]) 
     return out
 
 
-def _blocks(n: int, m: int, device: torch.device) -> tuple[int, list[slice]]:
-    """Rows per block and the blocks' row slices."""
-    rows = max(1, min(n, _BLOCK_VALUES.get(device.type, _DEFAULT_BLOCK_VALUES) // m))
+def row_blocks(n: int, m: int, device: torch.device, align: int = 1) -> tuple[int, list[slice]]:
+    """Rows per block (a multiple of `align` where n is) and the blocks' row slices, for n rows of m values."""
+    rows = max(align, min(n, _BLOCK_VALUES.get(device.type, _DEFAULT_BLOCK_VALUES) // m) // align * align)
     return rows, [slice(start, start + rows) for start in range(0, n, rows)]
 
 
@@ -196,8 +196,8 @@ def encode_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     if rows.stride(-1) != 1:  # e.g. a weight's columns: one whole transpose beats gathering every block
         rows = rows.contiguous()
     out = torch.empty(rows.shape[0], nbytes, dtype=torch.uint8, device=x.device)
-    block_rows, blocks = _blocks(rows.shape[0], m, x.device)
-    scratch, codes_scratch, moved_scratch = _scratch(
+    block_rows, blocks = row_blocks(rows.shape[0], m, x.device)
+    scratch, codes_scratch, moved_scratch = scratch_tensors(
         x.device, ((block_rows, num_groups * g), torch.float32), ((block_rows, -(-m // 8) * 8), torch.uint8),
         ((block_rows, -(-m // 8)), torch.int64))
     codes_scratch.zero_()
@@ -253,8 +253,8 @@ def decode_rows(data: torch.Tensor, m: int, spec: QuantSpec, dtype: torch.dtype,
                         f"{data.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
     result, out = out, out.view(-1, m)
     direct = dtype == torch.float32 and num_groups * g == m  # no scratch: compute in the output
-    block_rows, blocks = _blocks(rows.shape[0], m, data.device)
-    codes_scratch, moved_scratch, scratch = _scratch(
+    block_rows, blocks = row_blocks(rows.shape[0], m, data.device)
+    codes_scratch, moved_scratch, scratch = scratch_tensors(
         data.device, ((block_rows, width), torch.uint8), ((block_rows, width // 8), torch.int64),
         ((0 if direct else block_rows, num_groups * g), torch.float32))
     for block in blocks:

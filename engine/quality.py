@@ -3,6 +3,10 @@
 For each variant it scores a fixed text set with the engine's own prompt log-probs (perplexity) and
 compares the greedy next token after each text with the uncompressed model's (top-1 agreement).
 Prompt scoring exercises the compressed KV cache too: attention reads back what the cache holds.
+
+Prompt scoring runs large products only, so on a CPU it never reaches the fused int4 kernel
+(engine.int4_matmul) that decode steps with weights grouped along dim 1 use; `--fused-check N`
+measures that kernel's own cost instead: N greedy tokens per question with and without it.
 """
 
 from __future__ import annotations
@@ -85,6 +89,26 @@ def compare(model: str, variants: list[Variant], texts: list[str], base: Policy)
     return rows
 
 
+def fused_check(model: str, questions: list[str], base: Policy, new_tokens: int) -> dict:
+    """Greedy continuations of 4-bit dim-1 weights with the fused int4 kernel against without it (fp32
+    products): how many continuations match, where the first differing token falls, and the largest
+    log-prob gap between the tokens both chose before it."""
+    runs = []
+    for fused in (True, False):
+        policy = dataclasses.replace(base, compress_weight=True, comp_weight_dim=1, fused_int4=fused)
+        with Engine.load(model, policy=policy) as eng:
+            runs.append(eng.generate(questions, max_new_tokens=new_tokens))
+    same, first_diff, gap = 0, [], 0.0
+    for a, b in zip(*runs, strict=True):
+        n = min(len(a.token_ids), len(b.token_ids))
+        common = next((i for i in range(n) if a.token_ids[i] != b.token_ids[i]), n)
+        same += a.token_ids == b.token_ids
+        first_diff.append(common)
+        gap = max([gap, *(abs(x - y) for x, y in zip(a.logprobs[:common], b.logprobs[:common], strict=True))])
+    return {"sequences": len(questions), "identical": same, "mean_first_divergence": sum(first_diff) / len(first_diff),
+            "max_logprob_gap": gap}
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m engine.quality", description=__doc__)
@@ -94,12 +118,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", default="table", help="'table' or comma-separated names, e.g. 'w4c4 dim0'")
     p.add_argument("--group", type=int, default=64, help="group size for weights and cache (default 64)")
     p.add_argument("--gpu-batch-size", type=int, default=8)
+    p.add_argument("--fused-check", type=int, metavar="N",
+                   help="instead of the table: N greedy tokens per question, fused int4 kernel on vs off")
     args = p.parse_args(argv)
+    base = Policy(gpu_batch_size=args.gpu_batch_size, comp_weight_group=args.group, comp_cache_group=args.group)
+    if args.fused_check:
+        questions = [t.split("\nAnswer:")[0] + "\nAnswer:" for t in load_texts(args.texts, args.count)]
+        r = fused_check(args.model, questions, base, args.fused_check)
+        print(f"{args.model}, w4 dim1 groups of {args.group}, {args.fused_check} greedy tokens after each of "
+              f"{r['sequences']} questions: {r['identical']} identical with and without the fused kernel; "
+              f"first difference at token {r['mean_first_divergence']:.1f} on average; largest log-prob gap "
+              f"up to it {r['max_logprob_gap']:.4f}")
+        return
     variants = table_variants()
     if args.variants != "table":
         wanted = [n.strip() for n in args.variants.split(",")]
         variants = [v for v in variants if v.name in wanted or v.name == "none"]
-    base = Policy(gpu_batch_size=args.gpu_batch_size, comp_weight_group=args.group, comp_cache_group=args.group)
     rows = compare(args.model, variants, load_texts(args.texts, args.count), base)
     print(f"{args.model}, first {args.count} texts of {args.texts.name}, groups of {args.group}\n")
     print("| variant | perplexity | ratio | top-1 agreement | weight bytes ratio |\n|---|---|---|---|---|")

@@ -23,20 +23,22 @@ def _kernel_form(shape, spec):
     return rows, int4_matmul.to_kernel(rows, shape, spec)
 
 
-@pytest.mark.parametrize("blocks,k,group", [(1, 64, 32), (3, 256, 64), (2, 512, 256)])
-def test_kernel_form_is_torchs_own_packing_and_decodes_like_the_rows(blocks, k, group):
-    spec, shape = QuantSpec(4, group), (blocks * int4_matmul.kernel_layout()[0], k)
+# the last case spans several of decode's cache-sized row blocks, the last one short
+@pytest.mark.parametrize("blocks,k,group,dtype", [(1, 64, 32, torch.float32), (3, 256, 64, torch.bfloat16),
+                                                  (2, 512, 256, torch.float32), (5, 16384, 128, torch.float16)])
+def test_kernel_form_is_torchs_own_packing_and_decodes_like_the_rows(blocks, k, group, dtype):
+    spec, shape = QuantSpec(4, group), (blocks * int4_matmul.kernel_layout(), k)
     rows, data = _kernel_form(shape, spec)
     assert data.numel() == rows.numel()
     codes = torch.stack((rows[:, :k // 2] & 15, rows[:, :k // 2] >> 4), -1).view(shape).int()
     torch_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     assert torch.equal(data[:shape[0] * k // 2], torch_packed.reshape(-1))
-    expected = decode_weight(rows.reshape(-1), shape, spec, 1, torch.float32)
-    assert torch.equal(int4_matmul.decode(data, shape, spec, torch.float32), expected)
+    expected = decode_weight(rows.reshape(-1), shape, spec, 1, dtype)
+    assert torch.equal(int4_matmul.decode(data, shape, spec, dtype), expected)
 
 
 def test_packed_linear_runs_small_products_in_the_kernel_and_large_ones_on_the_decoded_weight():
-    spec, shape = QuantSpec(4, 64), (4 * int4_matmul.kernel_layout()[0], 256)
+    spec, shape = QuantSpec(4, 64), (4 * int4_matmul.kernel_layout(), 256)
     rows, data = _kernel_form(shape, spec)
     w, b = decode_weight(rows.reshape(-1), shape, spec, 1, torch.float32), torch.randn(shape[0])
     small, large = torch.randn(2, 3, shape[1]), torch.randn(FUSED_MAX_ROWS + 1, shape[1])
@@ -50,7 +52,7 @@ def test_packed_linear_runs_small_products_in_the_kernel_and_large_ones_on_the_d
 
 
 def test_only_weights_the_kernel_takes_are_stored_for_it():
-    block = int4_matmul.kernel_layout()[0]
+    block = int4_matmul.kernel_layout()
     ok = (2 * block, 128)
     assert int4_matmul.supported(ok, QuantSpec(4, 64), 1, CPU)
     for shape, spec, dim, device in [(ok, QuantSpec(4, 64), 0, CPU), (ok, QuantSpec(3, 64), 1, CPU),
