@@ -4,8 +4,9 @@ For each variant it scores a fixed text set with the engine's own prompt log-pro
 compares the greedy next token after each text with the uncompressed model's (top-1 agreement).
 Prompt scoring exercises the compressed KV cache too: attention reads back what the cache holds.
 
-Prompt scoring runs large products only, so on a CPU it never reaches the fused int4 kernel
-(engine.int4_matmul) that decode steps with weights grouped along dim 1 use; `--fused-check N`
+Prompt scoring multiplies whole prompts at once, more rows than the fused int4 kernel
+(engine.int4_matmul) takes, so on a CPU it measures weights grouped along dim 1 without the kernel
+that their decode steps use; `--fused-check N`
 measures that kernel's own cost instead: N greedy tokens per question with and without it.
 """
 
@@ -91,22 +92,22 @@ def compare(model: str, variants: list[Variant], texts: list[str], base: Policy)
 
 def fused_check(model: str, questions: list[str], base: Policy, new_tokens: int) -> dict:
     """Greedy continuations of 4-bit dim-1 weights with the fused int4 kernel against without it (fp32
-    products): how many continuations match, where the first differing token falls, and the largest
-    log-prob gap between the tokens both chose before it."""
+    products): how many continuations match, where the first differing token falls in those that do
+    not, and the largest log-prob gap between the tokens both chose before it."""
     runs = []
     for fused in (True, False):
         policy = dataclasses.replace(base, compress_weight=True, comp_weight_dim=1, fused_int4=fused)
         with Engine.load(model, policy=policy) as eng:
             runs.append(eng.generate(questions, max_new_tokens=new_tokens))
-    same, first_diff, gap = 0, [], 0.0
+    divergences, gap = [], 0.0
     for a, b in zip(*runs, strict=True):
         n = min(len(a.token_ids), len(b.token_ids))
         common = next((i for i in range(n) if a.token_ids[i] != b.token_ids[i]), n)
-        same += a.token_ids == b.token_ids
-        first_diff.append(common)
+        if a.token_ids != b.token_ids:
+            divergences.append(common)
         gap = max([gap, *(abs(x - y) for x, y in zip(a.logprobs[:common], b.logprobs[:common], strict=True))])
-    return {"sequences": len(questions), "identical": same, "mean_first_divergence": sum(first_diff) / len(first_diff),
-            "max_logprob_gap": gap}
+    return {"sequences": len(questions), "identical": len(questions) - len(divergences),
+            "first_divergences": divergences, "max_logprob_gap": gap}
 
 
 @cli_main
@@ -127,8 +128,8 @@ def main(argv: list[str] | None = None) -> None:
         r = fused_check(args.model, questions, base, args.fused_check)
         print(f"{args.model}, w4 dim1 groups of {args.group}, {args.fused_check} greedy tokens after each of "
               f"{r['sequences']} questions: {r['identical']} identical with and without the fused kernel; "
-              f"first difference at token {r['mean_first_divergence']:.1f} on average; largest log-prob gap "
-              f"up to it {r['max_logprob_gap']:.4f}")
+              f"the others first differ at tokens {r['first_divergences']}; largest log-prob gap before a "
+              f"difference {r['max_logprob_gap']:.4f}")
         return
     variants = table_variants()
     if args.variants != "table":
