@@ -120,11 +120,11 @@ def bench_fused(shape: tuple[int, int], rows: list[int], warmup: int, repeats: i
     w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     packed = int4_matmul.to_kernel(encode_weight(w, spec, 1).view(shape[0], -1), shape, spec)
     w_hat, buffer = int4_matmul.decode(packed, shape, spec, torch.float32), torch.empty(shape)
-    out = []
+
     def decode_then_linear(x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, int4_matmul.decode(packed, shape, spec, torch.float32, buffer))
 
-    fused = int4_matmul.PackedLinear(packed, shape, spec, buffer)
+    fused, out = int4_matmul.PackedLinear(packed, shape, spec, buffer), []
     for n in tqdm(rows, desc="fused int4", leave=False):
         x = torch.randn(n, shape[1])
         fused_s, decode_s, gemm_s = (

@@ -5,9 +5,8 @@ in a decode step (a few rows) both are bound by memory bandwidth. `torch._weight
 (the kernel behind gpt-fast's int4 on CPU) reads the packed half byte per value once instead: on
 this machine, 5.3 ms against 23 ms for decode + GEMM of an (8 x 8192) @ (8192 x 2048) product. It
 wants groups along the input dimension (`comp_weight_dim=1`), 4 bits, groups of 32 to 256, and bf16
-activations;
-it returns bf16 outputs, so its results differ from the fp32 path by bf16 rounding (about 2^-9
-relative), well inside the 4-bit quantization error. Large products (prefill) gain nothing from it,
+activations; it returns bf16 outputs, so its results differ from the fp32 path by bf16 rounding
+(about 2^-9 relative), well inside the 4-bit quantization error. Large products (prefill) gain nothing from it,
 so a weight stored for the kernel is decoded once per layer load when a call has many rows.
 
 The kernel's packed layout depends on the CPU's vector width and is internal to torch, so it is
@@ -123,9 +122,10 @@ def decode(data: torch.Tensor, shape: tuple[int, int], spec: QuantSpec, dtype: t
     for rows in row_slices:
         blocks = packed[rows.start // block:rows.stop // block]
         nrows = len(blocks) * block
-        part_t, part = bytes_t[:len(blocks)].copy_(blocks.transpose(1, 2)), codes[:nrows].view(-1, 2, half, k)
-        torch.bitwise_and(part_t, 15, out=part[:, 0])
-        torch.bitwise_right_shift(part_t, 4, out=part[:, 1])
+        part_t = bytes_t[:len(blocks)].copy_(blocks.transpose(1, 2))  # (blocks, half, K): rows j, j + half
+        halves = codes[:nrows].view(-1, 2, half, k)
+        torch.bitwise_and(part_t, 15, out=halves[:, 0])
+        torch.bitwise_right_shift(part_t, 4, out=halves[:, 1])
         values = out[rows] if direct else scratch[:nrows]
         values.view(nrows, k // g, g).copy_(codes[:nrows].view(nrows, k // g, g)).mul_(step[rows]).add_(mn[rows])
         if not direct:

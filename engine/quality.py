@@ -6,8 +6,8 @@ Prompt scoring exercises the compressed KV cache too: attention reads back what 
 
 Prompt scoring multiplies whole prompts at once, more rows than the fused int4 kernel
 (engine.int4_matmul) takes, so on a CPU it measures weights grouped along dim 1 without the kernel
-that their decode steps use; `--fused-check N`
-measures that kernel's own cost instead: N greedy tokens per question with and without it.
+that their decode steps use. `--fused-check N` measures that kernel's own cost instead: N greedy
+tokens per question with and without it.
 """
 
 from __future__ import annotations
@@ -98,6 +98,9 @@ def fused_check(model: str, questions: list[str], base: Policy, new_tokens: int)
     for fused in (True, False):
         policy = dataclasses.replace(base, compress_weight=True, comp_weight_dim=1, fused_int4=fused)
         with Engine.load(model, policy=policy) as eng:
+            if fused and not any(sw.codec.fused for layer in eng.rt.weights for sw in layer.values()):
+                raise UserError(f"the fused int4 kernel takes none of {model}'s weights at groups of "
+                                f"{base.comp_weight_group} here; use --group 32, 64, 128 or 256 on a CPU")
             runs.append(eng.generate(questions, max_new_tokens=new_tokens))
     divergences, gap = [], 0.0
     for a, b in zip(*runs, strict=True):
