@@ -105,7 +105,9 @@ class Engine:
             where = place_layer_weights({n: c.nbytes for n, c in codecs.items()}, policy)
             placed.append({n: (where[n], codecs[n]) for n in codecs})
         need = memory.weight_bytes(placed)
-        work = memory.working_bytes(placed, specs, dev, compute)
+        at_use = [memory.read_at_use(layer, spec, dev, policy)
+                  for layer, spec in zip(placed, specs, strict=True)]
+        work = memory.working_bytes(placed, specs, dev, compute, at_use)
         total = {t: need[t] + work[t] for t in TIERS}
         memory.check(total, {t: tiers[t].capacity for t in TIERS}, f"{cfg.name or 'model'} does not fit", dev)
         weights = [{n: StoredWeight(t, tiers[t].store(c.nbytes, f"{spec.name}.{n}"), c) for n, (t, c) in layer.items()}
@@ -117,9 +119,11 @@ class Engine:
         rt.reserve_buffers(work["gpu"] // 2, work["cpu"] // 2)
         # Workers take direct disk reads, and on a GPU any disk reads, uploads and decoding (schedule.LayerLoad).
         cuda = dev.type == "cuda"
-        rt.background = [(memory.layer_staging_bytes(layer) > 0 and (policy.direct_io or cuda))
+        rt.read_at_use = at_use
+        rt.background = [(memory.layer_staging_bytes(layer, memory.tables_at_use(spec, names)) > 0
+                          and (policy.direct_io or cuda))
                          or (cuda and memory.layer_working_bytes(layer, spec.tables, dev, compute) > 0)
-                         for layer, spec in zip(placed, specs, strict=True)]
+                         for layer, spec, names in zip(placed, specs, at_use, strict=True)]
 
         def sink(pos: int, name: str, tensor: torch.Tensor) -> None:
             sw = weights[pos][name]

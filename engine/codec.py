@@ -101,18 +101,22 @@ class WeightCodec:
             return self.shape[1], self.shape[0]
         return self.shape[0], math.prod(self.shape[1:])
 
-    def decode_rows(self, data: torch.Tensor, index: slice | torch.Tensor, dtype: torch.dtype,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
-        """Stored rows `index` of a 2-D weight whose bytes `data` are on the compute device, into `out` if given."""
-        if isinstance(index, torch.Tensor):
-            index = index.to(data.device)
-        rows, width = self.stored_rows
+    @property
+    def stored_row_bytes(self) -> int:
+        return self.nbytes // self.stored_rows[0]
+
+    def decode_rows(self, stored: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Stored rows of a 2-D weight, uint8 (n, stored_row_bytes), as (n, values per row) in `dtype`.
+
+        Into `out` if given; a view of `stored` when nothing changes.
+        """
+        width = self.stored_rows[1]
         if self.quant is None:
-            stored = data.view(self.storage).view(rows, width)[index]
-            return stored.to(dtype) if out is None else out.copy_(stored)
+            values = stored.view(self.storage).view(-1, width)
+            return values.to(dtype) if out is None else out.copy_(values)
         from engine.compression import decode_rows
 
-        return decode_rows(data.view(rows, -1)[index], width, self.quant, dtype, out)
+        return decode_rows(stored, width, self.quant, dtype, out)
 
     def decode_columns(self, data: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Stored columns `index` of a quantized weight, as rows (len(index), stored rows): a lookup in a

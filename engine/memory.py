@@ -11,7 +11,7 @@ from engine.host_memory import available_ram
 from engine.models import LayerSpec
 from engine.placement import split_count
 from engine.policy import TIERS, Policy
-from engine.tables import CHUNK_ELEMS
+from engine.tables import CHUNK_ELEMS, Table
 from engine.tiers import DiskStore, human
 
 _CHECK_HINT = "raise the budget (--gpu-mem/--cpu-mem, a bigger --offload-dir) or move data with --percent"
@@ -46,17 +46,42 @@ def layer_working_bytes(layer: dict[str, tuple[str, WeightCodec]], tables: tuple
                for name, (tier, codec) in layer.items())
 
 
-def layer_staging_bytes(layer: dict[str, tuple[str, WeightCodec]]) -> int:
-    """Staging room for reading one layer's disk-tier weights."""
-    return sum(DiskStore.staging_bytes(c.nbytes) for t, c in layer.values() if t == "disk")
+def read_at_use(layer: dict[str, tuple[str, WeightCodec]], spec: LayerSpec, device: torch.device,
+                policy: Policy) -> frozenset[str]:
+    """Names of the disk weights read where they are used rather than when their layer loads.
+
+    Embedding tables, on any device: a lookup reads only its rows (engine.tables). On a CPU with
+    buffered reads, every other disk weight too: the read is a copy out of the page cache on the
+    cores that compute needs anyway, so no worker can hide it, and made right before its matmul the
+    bytes are still in cache when the matmul reads them. An LM head is then read a chunk at a time,
+    right before each chunk's matmul, but only with one GPU batch: it is read whole per use, and more
+    GPU batches would each read it. Everywhere else a worker reads ahead, overlapping compute.
+    """
+    on_compute_thread = device.type == "cpu" and not policy.direct_io
+    chunked_head = on_compute_thread and policy.num_gpu_batches == 1
+    return frozenset(name for name, (tier, codec) in layer.items()
+                     if tier == "disk" and len(codec.shape) == 2
+                     and (Table.reads_rows(codec) and (spec.kind == "embed" or chunked_head)
+                          if name in spec.tables else on_compute_thread))
+
+
+def layer_staging_bytes(layer: dict[str, tuple[str, WeightCodec]], tables_at_use: frozenset[str]) -> int:
+    """Staging room for reading one layer's disk-tier weights (tables read at use bring their own)."""
+    return sum(DiskStore.staging_bytes(c.nbytes) for n, (t, c) in layer.items()
+               if t == "disk" and n not in tables_at_use)
 
 
 def working_bytes(placed: list[dict[str, tuple[str, WeightCodec]]], specs: list[LayerSpec], device: torch.device,
-                  compute: torch.dtype) -> dict[str, int]:
+                  compute: torch.dtype, at_use: list[frozenset[str]]) -> dict[str, int]:
     """Two layers of weights in compute form (in use and prefetched) and two of disk read staging."""
     return {"gpu": 2 * max(layer_working_bytes(layer, spec.tables, device, compute)
                            for layer, spec in zip(placed, specs, strict=True)),
-            "cpu": 2 * max(layer_staging_bytes(layer) for layer in placed), "disk": 0}
+            "cpu": 2 * max(layer_staging_bytes(layer, tables_at_use(spec, names))
+                           for layer, spec, names in zip(placed, specs, at_use, strict=True)), "disk": 0}
+
+
+def tables_at_use(spec: LayerSpec, at_use: frozenset[str]) -> frozenset[str]:
+    return at_use & frozenset(spec.tables)
 
 
 def block_bytes(cfg: ModelConfig, policy: Policy, batches: list[tuple[int, int]], steps: int,
@@ -74,6 +99,7 @@ def block_bytes(cfg: ModelConfig, policy: Policy, batches: list[tuple[int, int]]
     transient += rows * cfg.n_heads * length * length * 4 + rows * cfg.vocab_size * 4 * 2
     transient += CHUNK_ELEMS * compute_elem  # one decoded chunk of a vocabulary table
     total["gpu"] += transient
+    total["cpu"] += CHUNK_ELEMS * 4  # one stored chunk of a vocabulary table read from disk
     return total
 
 

@@ -20,7 +20,7 @@ from engine.codec import RowCodec, WeightCodec
 from engine.config import ModelConfig
 from engine.int4_matmul import PackedLinear
 from engine.models import LayerSpec
-from engine.models.layers import attention
+from engine.models.layers import attention, linear
 from engine.placement import split_count
 from engine.policy import Policy
 from engine.tables import Table
@@ -59,6 +59,7 @@ class Runtime:
     staging: list[torch.Tensor] = field(default_factory=list)  # aligned host buffers for disk reads
     loads: int = 0  # layer loads so far: they alternate between the two slots
     background: list[bool] = field(default_factory=list)  # per layer: whether its load has work for a worker
+    read_at_use: list[frozenset[str]] = field(default_factory=list)  # per layer: see memory.read_at_use
 
     def reserve_buffers(self, working_bytes: int, staging_bytes: int) -> None:
         """Allocate (and account on their tiers) both slots of working and staging buffers."""
@@ -99,19 +100,44 @@ class Rows:
 
 # -- weights -----------------------------------------------------------------------------------------
 
-def read_layer(rt: Runtime, pos: int, slot: int) -> dict[str, torch.Tensor]:
-    """Stored bytes of layer `pos`: disk weights read into the slot's staging buffer, the rest viewed in place."""
-    staging, staged, out = rt.staging[slot], 0, {}
+class DeferredLinear:
+    """A matmul weight read from disk and decoded at its first use rather than when its layer loads.
+
+    On a CPU a buffered read is a copy out of the page cache on the cores that compute needs anyway.
+    Made right before the matmul, the copied bytes are still in cache when the matmul reads them;
+    made at the layer's load, most are evicted by the rest of the layer first. Later GPU batches of
+    the block reuse the weight.
+    """
+
+    def __init__(self, load: Callable[[], torch.Tensor | PackedLinear]):
+        self._load, self._weight = load, None
+
+    def linear(self, x: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        if self._weight is None:
+            self._weight = self._load()
+        return linear(x, self._weight, b)
+
+
+def read_layer(rt: Runtime, pos: int, slot: int) -> dict[str, torch.Tensor | DiskStore | Callable]:
+    """Stored bytes of layer `pos`: disk weights read into the slot's staging buffer, the rest viewed in place.
+
+    A disk weight read at its use (`Runtime.read_at_use`) comes back unread: a table as its store,
+    which it reads by row or chunk, any other weight as a function that reads it into its staging room.
+    """
+    staging, staged, out, at_use = rt.staging[slot], 0, {}, rt.read_at_use[pos]
     for name, sw in rt.weights[pos].items():
-        if isinstance(sw.store, DiskStore):
-            out[name] = sw.store.read(0, sw.codec.nbytes, out=staging[staged:])
-            staged += DiskStore.staging_bytes(sw.codec.nbytes)
-        else:
+        if not isinstance(sw.store, DiskStore):
             out[name] = sw.store.read(0, sw.codec.nbytes)
+        elif name in rt.specs[pos].tables and name in at_use:
+            out[name] = sw.store
+        else:
+            read = functools.partial(sw.store.read, 0, sw.codec.nbytes, out=staging[staged:])
+            out[name] = read if name in at_use else read()
+            staged += DiskStore.staging_bytes(sw.codec.nbytes)
     return out
 
 
-def decode_layer(rt: Runtime, pos: int, slot: int, stored: dict[str, torch.Tensor],
+def decode_layer(rt: Runtime, pos: int, slot: int, stored: dict[str, torch.Tensor | DiskStore | Callable],
                  ready: torch.cuda.Event | None = None) -> dict[str, torch.Tensor | Table | PackedLinear]:
     """Layer `pos` in compute form: in place where possible, else decoded into the slot's working buffer.
 
@@ -123,19 +149,32 @@ def decode_layer(rt: Runtime, pos: int, slot: int, stored: dict[str, torch.Tenso
             rt.copy_stream.wait_event(ready)
         for name, data in stored.items():
             codec, table = rt.weights[pos][name].codec, name in tables
-            room = codec.working_room(table, data.device, rt.device, rt.compute_dtype)
+            if isinstance(data, DiskStore):
+                out[name] = Table(data, codec, rt.compute_dtype, rt.device)
+                continue
+            on = torch.device("cpu") if callable(data) else data.device
+            room = codec.working_room(table, on, rt.device, rt.compute_dtype)
             buf, used = working[used:used + room], used + room
-            if table:  # kept in stored form, decoded a slice at a time where it is used
-                out[name] = Table(buf[:data.numel()].copy_(data, non_blocking=True) if room else data, codec,
-                                  rt.compute_dtype)
-            elif codec.fused:  # multiplied from its packed bytes, or decoded into buf for large products
-                out[name] = PackedLinear(data, codec.shape, codec.quant, codec.working(buf, rt.compute_dtype))
+            if callable(data):
+                out[name] = DeferredLinear(functools.partial(_compute_form, rt, codec, table, data, buf))
             else:
-                out[name] = codec.decode(data, rt.device, rt.compute_dtype,
-                                         out=codec.working(buf, rt.compute_dtype) if room else None)
+                out[name] = _compute_form(rt, codec, table, data, buf)
     if rt.copy_stream is not None:
         rt.copy_stream.synchronize()
     return out
+
+
+def _compute_form(rt: Runtime, codec: WeightCodec, table: bool, data: torch.Tensor | Callable,
+                  buf: torch.Tensor) -> torch.Tensor | Table | PackedLinear:
+    """A weight's stored bytes (or the function that reads them) in compute form, decoded into `buf` if it has room."""
+    data = data() if callable(data) else data
+    if table:  # kept in stored form, decoded a slice at a time where it is used
+        return Table(buf[:data.numel()].copy_(data, non_blocking=True) if buf.numel() else data, codec,
+                     rt.compute_dtype)
+    if codec.fused:  # multiplied from its packed bytes, or decoded into buf for large products
+        return PackedLinear(data, codec.shape, codec.quant, codec.working(buf, rt.compute_dtype))
+    return codec.decode(data, rt.device, rt.compute_dtype,
+                        out=codec.working(buf, rt.compute_dtype) if buf.numel() else None)
 
 
 class LayerLoad:
@@ -158,8 +197,9 @@ class LayerLoad:
         if rt.policy.overlap and rt.background[pos] and rt.io is not None:
             self.future = rt.io.submit(self._load)
         elif rt.policy.overlap:
-            for sw in rt.weights[pos].values():
-                if isinstance(sw.store, DiskStore):
+            tables = rt.specs[pos].tables
+            for name, sw in rt.weights[pos].items():
+                if isinstance(sw.store, DiskStore) and not (name in tables and name in rt.read_at_use[pos]):
                     sw.store.prefetch(0, sw.codec.nbytes)
 
     def _load(self) -> dict:

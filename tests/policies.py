@@ -5,6 +5,8 @@ from engine import Policy
 POLICIES = {
     "all-gpu": Policy(),
     "weights-disk": Policy().with_percent(0, 0, 100, 0, 100, 0),
+    # direct reads go to a worker, ahead of use; buffered ones (above) are read at use on a CPU
+    "weights-disk-direct": Policy(direct_io=True).with_percent(0, 0, 100, 0, 100, 0),
     "weights-30-30-40": Policy().with_percent(30, 30, 100, 0, 100, 0),
     "cache-cpu-compute": Policy(cpu_cache_compute=True).with_percent(100, 0, 0, 100, 100, 0),
     "cache-half-disk": Policy().with_percent(100, 0, 50, 0, 100, 0),

@@ -13,6 +13,7 @@ from engine import Engine, Policy
 from engine.codec import WeightCodec
 from engine.compression import QuantSpec
 from engine.tables import Table
+from engine.tiers import DiskTier
 
 MIXED = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28], [40, 41, 42, 43]]
 W4C4 = dict(compress_weight=True, compress_cache=True)
@@ -29,20 +30,28 @@ def test_placement_never_changes_compressed_outputs(tiny_models, tmp_path):
             assert max(abs(a - b) for a, b in zip(lps, ref_lps, strict=True)) < 1e-4, name
 
 
-def _weights_and_reads(policy: Policy, tmp_path) -> tuple[int, int]:
+def _weights_and_reads(policy: Policy, tmp_path) -> tuple[int, int, int]:
+    """Stored weight bytes, disk bytes read by a short run, and the bytes of the tables it reads by row."""
     disk = policy.with_percent(0, 0, 100, 0, 100, 0)
     with Engine.load("opt-125m", weights="dummy", policy=disk, offload_dir=tmp_path) as eng:
         stored = eng.rt.tiers["disk"].used
+        by_row = sum(sw.codec.nbytes for pos, spec in enumerate(eng.rt.specs) for n, sw in eng.rt.weights[pos].items()
+                     if spec.kind == "embed" and n in eng.rt.read_at_use[pos])
         eng.generate([[5] * 16], max_new_tokens=3)
-        return stored, eng.stats["bytes_read"]["disk"]
+        return stored, eng.stats["bytes_read"]["disk"], by_row
 
 
-def test_four_bit_weights_shrink_storage_and_disk_reads(tmp_path):
-    fp16 = Policy(storage_dtype="fp16")
-    plain_bytes, plain_reads = _weights_and_reads(fp16, tmp_path)
-    packed_bytes, packed_reads = _weights_and_reads(dataclasses.replace(fp16, compress_weight=True), tmp_path)
+@pytest.mark.parametrize("dim", [0, 1])
+def test_four_bit_weights_shrink_storage_and_disk_reads(tmp_path, dim):
+    """Every weight but the embedding tables (looked up by row, where the grouping allows) is read once
+    per pass, so reads shrink like the bytes of those weights."""
+    fp16 = Policy(storage_dtype="fp16", comp_weight_dim=dim)
+    plain_bytes, plain_reads, plain_by_row = _weights_and_reads(fp16, tmp_path)
+    packed_bytes, packed_reads, packed_by_row = _weights_and_reads(dataclasses.replace(fp16, compress_weight=True),
+                                                                   tmp_path)
     assert packed_bytes <= 0.30 * plain_bytes  # embeddings and LM head included; norms and biases stay fp16
-    assert packed_reads / plain_reads == pytest.approx(packed_bytes / plain_bytes, rel=0.02)
+    assert packed_reads / plain_reads == pytest.approx(
+        (packed_bytes - packed_by_row) / (plain_bytes - plain_by_row), rel=0.02)
 
 
 @pytest.mark.skipif(not HELM_DATA.is_dir(), reason="../shared/data/helm-scenarios is not beside this checkout")
@@ -62,21 +71,36 @@ def test_smollm2_four_bit_accuracy_is_pinned_and_two_bit_fails(smollm2):
 PINNED_W4C4_PPL_RATIO = 1.25  # measured 1.11 on the first 20 texts (python -m engine.quality --group 32)
 
 
+@pytest.mark.parametrize("source", ["memory", "disk", "disk-direct"])
 @pytest.mark.parametrize("storage,quant,dim", [(torch.float32, None, 0), (torch.float16, None, 0),
                                                (torch.float16, QuantSpec(4, 8), 0),
                                                (torch.float16, QuantSpec(3, 8), 1),
                                                (torch.float16, QuantSpec(4, 64), 0),
                                                (torch.float16, QuantSpec(3, 10), 0)],
                          ids=["fp32-in-place", "fp16", "w4-dim0", "w3-dim1", "w4-g64-short-group", "w3-unaligned"])
-def test_vocabulary_tables_decode_slices_like_the_whole_weight(storage, quant, dim, monkeypatch):
+def test_vocabulary_tables_decode_slices_like_the_whole_weight(storage, quant, dim, source, tmp_path, monkeypatch):
     """Lookups and LM heads decode chunk by chunk (lookups in a table quantized along the vocabulary only
-    the groups they need); every result must equal decoding the whole weight first."""
+    the groups they need), from memory or straight from a disk store; every result must equal decoding
+    the whole weight first. A table stored transposed cannot be read from disk by row, and says so."""
     monkeypatch.setattr("engine.tables.CHUNK_ELEMS", 7 * 24)  # several chunks, the last one short
     codec = WeightCodec((100, 24), storage, quant, dim)
     data = codec.encode(torch.randn(100, 24))
     full = codec.decode(data, torch.device("cpu"), torch.float32)
-    table = Table(data, codec, torch.float32)
+    if source == "memory":
+        table = Table(data, codec, torch.float32)
+    else:
+        disk = DiskTier(tmp_path, None, direct_io=source == "disk-direct")
+        store = disk.store(codec.nbytes, "table")
+        store.write(0, data)
+        if not Table.reads_rows(codec):
+            with pytest.raises(ValueError, match="cannot be read from disk by row"):
+                Table(store, codec, torch.float32, torch.device("cpu"))
+            return
+        table = Table(store, codec, torch.float32, torch.device("cpu"))
     ids = torch.tensor([[3, 99, 0], [64, 7, 7]])
     assert torch.equal(table[ids], full[ids])
     h = torch.randn(2, 5, 24)
     torch.testing.assert_close(table.linear(h), h @ full.T)
+    if source != "memory":
+        assert disk.bytes_read == 5 * codec.stored_row_bytes + codec.nbytes  # 5 distinct ids, then the whole head
+        disk.close()

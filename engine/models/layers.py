@@ -9,7 +9,8 @@ from engine.int4_matmul import PackedLinear
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | PackedLinear, b: torch.Tensor | None = None) -> torch.Tensor:
-    return w.linear(x, b) if isinstance(w, PackedLinear) else F.linear(x, w, b)
+    """x @ w.T + b, where w is a tensor or a weight form with its own `linear` (packed int4, read at use)."""
+    return F.linear(x, w, b) if isinstance(w, torch.Tensor) else w.linear(x, b)
 
 
 def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
