@@ -280,7 +280,8 @@ def table(rows: list[Row], args: argparse.Namespace, roof: dict,
         refs = [("× uncompressed same B", lambda r: next((x for x in rows if "uncompressed" in x.config.tags
                                                            and x.config.batch == r.config.batch), None))]
     header = ["system", "cap", "batch", "tok/s (median)", "min–max", *[t for t, _ in refs], "% compute bound",
-              "disk-bound tok/s", "load s", "disk read GB", "needed GB", "peak RSS GiB", "status"]
+              "disk-bound tok/s", "load s", "prefill / decode s", "disk read GB", "needed GB", "peak RSS GiB",
+              "status"]
     body = []
     for row in rows:
         speeds = [r.tokens_per_s for r in row.ok]
@@ -296,11 +297,18 @@ def table(rows: list[Row], args: argparse.Namespace, roof: dict,
             *[fmt(ratio(row, ref(row)), ".2f", suffix="×") for _, ref in refs],
             fmt(100 * tps / bound if tps else None, ".0f", suffix="%"), fmt(disk_bound),
             fmt(row.median_of(lambda r: r.result.get("load_s"))),
+            phases(row),
             fmt(row.median_of(lambda r: r.disk_read_bytes), ".2f", 1e9),
             fmt(row.median_of(lambda r: expected_disk_read(r.result, ckpt_bytes)), ".2f", 1e9),
             fmt(max((r.max_rss_bytes for r in row.records), default=None), ".2f", GiB),
             row.status(ckpt_bytes)])
     return header, body
+
+
+def phases(row: Row) -> str:
+    """The engine's own prefill and decode seconds (median), which say where its time went."""
+    times = [row.median_of(lambda r, k=k: r.result.get("engine_stats", {}).get(k)) for k in ("prefill_s", "decode_s")]
+    return "—" if None in times else f"{times[0]:.1f} / {times[1]:.1f}"
 
 
 def conditions(args: argparse.Namespace, roof: dict, cgroup, records: list[RunRecord], cpus: set[int]) -> str:
