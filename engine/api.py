@@ -107,7 +107,7 @@ class Engine:
         need = memory.weight_bytes(placed)
         at_use = [memory.read_at_use(layer, spec, dev, policy)
                   for layer, spec in zip(placed, specs, strict=True)]
-        work = memory.working_bytes(placed, specs, dev, compute, at_use)
+        work = memory.working_bytes(placed, specs, dev, compute, at_use, policy)
         total = {t: need[t] + work[t] for t in TIERS}
         memory.check(total, {t: tiers[t].capacity for t in TIERS}, f"{cfg.name or 'model'} does not fit", dev)
         weights = [{n: StoredWeight(t, tiers[t].store(c.nbytes, f"{spec.name}.{n}"), c) for n, (t, c) in layer.items()}
@@ -116,7 +116,7 @@ class Engine:
         rt = Runtime(cfg, adapter, specs, weights, tiers, policy, dev, compute, storage, io,
                      _quant(policy.comp_cache_bits, policy.comp_cache_group) if policy.compress_cache else None,
                      torch.cuda.Stream(dev) if dev.type == "cuda" else None)
-        rt.reserve_buffers(work["gpu"] // 2, work["cpu"] // 2)
+        rt.reserve_buffers(work, memory.buffer_slots(dev, policy))
         # Workers take direct disk reads, and on a GPU any disk reads, uploads and decoding (schedule.LayerLoad).
         cuda = dev.type == "cuda"
         rt.read_at_use = at_use

@@ -71,13 +71,26 @@ def layer_staging_bytes(layer: dict[str, tuple[str, WeightCodec]], tables_at_use
                if t == "disk" and n not in tables_at_use)
 
 
+def buffer_slots(device: torch.device, policy: Policy) -> dict[str, int]:
+    """Slots of working (gpu tier) and staging (cpu tier) buffers a policy needs.
+
+    Two where a worker fills the next layer's while the current layer is in use: staging for direct
+    reads or any read on a GPU, working for decoding on a GPU's copy stream. One where the compute
+    thread fills them itself, one layer after the other: on a CPU it decodes, and reads buffered.
+    """
+    cuda = device.type == "cuda"
+    return {"gpu": 2 if cuda else 1, "cpu": 2 if cuda or policy.direct_io else 1}
+
+
 def working_bytes(placed: list[dict[str, tuple[str, WeightCodec]]], specs: list[LayerSpec], device: torch.device,
-                  compute: torch.dtype, at_use: list[frozenset[str]]) -> dict[str, int]:
-    """Two layers of weights in compute form (in use and prefetched) and two of disk read staging."""
-    return {"gpu": 2 * max(layer_working_bytes(layer, spec.tables, device, compute)
-                           for layer, spec in zip(placed, specs, strict=True)),
-            "cpu": 2 * max(layer_staging_bytes(layer, tables_at_use(spec, names))
-                           for layer, spec, names in zip(placed, specs, at_use, strict=True)), "disk": 0}
+                  compute: torch.dtype, at_use: list[frozenset[str]], policy: Policy) -> dict[str, int]:
+    """Every slot of weights in compute form and of disk read staging (buffer_slots)."""
+    slots = buffer_slots(device, policy)
+    return {"gpu": slots["gpu"] * max(layer_working_bytes(layer, spec.tables, device, compute)
+                                      for layer, spec in zip(placed, specs, strict=True)),
+            "cpu": slots["cpu"] * max(layer_staging_bytes(layer, tables_at_use(spec, names))
+                                      for layer, spec, names in zip(placed, specs, at_use, strict=True)),
+            "disk": 0}
 
 
 def tables_at_use(spec: LayerSpec, at_use: frozenset[str]) -> frozenset[str]:

@@ -52,25 +52,25 @@ class Runtime:
     io: ThreadPoolExecutor | None
     cache_quant: object | None = None
     copy_stream: object | None = None  # a CUDA stream for weight uploads, so they overlap compute
-    # Two slots of reusable buffers, alternating between consecutive layer loads: one slot holds the
-    # layer in use while the next is loaded into the other. Fresh allocations would cost more in page
-    # faults than the copies themselves.
+    # Slots of reusable buffers, alternating between consecutive layer loads: where a worker fills the
+    # next layer's while the current one is in use, two (memory.buffer_slots); else one. Fresh
+    # allocations would cost more in page faults than the copies themselves.
     working: list[torch.Tensor] = field(default_factory=list)  # weights in compute form, on the device
     staging: list[torch.Tensor] = field(default_factory=list)  # aligned host buffers for disk reads
-    loads: int = 0  # layer loads so far: they alternate between the two slots
+    loads: int = 0  # layer loads so far: they alternate between the slots
     background: list[bool] = field(default_factory=list)  # per layer: whether its load has work for a worker
     read_at_use: list[frozenset[str]] = field(default_factory=list)  # per layer: see memory.read_at_use
 
-    def reserve_buffers(self, working_bytes: int, staging_bytes: int) -> None:
-        """Allocate (and account on their tiers) both slots of working and staging buffers."""
+    def reserve_buffers(self, nbytes: dict[str, int], slots: dict[str, int]) -> None:
+        """Allocate (and account on their tiers) the slots of working (gpu) and staging (cpu) buffers."""
         pin = self.device.type == "cuda"
-        for tier, nbytes, slots in (("gpu", working_bytes, self.working), ("cpu", staging_bytes, self.staging)):
-            self.tiers[tier].alloc(2 * nbytes)
-            for _ in range(2):
+        for tier, buffers in (("gpu", self.working), ("cpu", self.staging)):
+            self.tiers[tier].alloc(nbytes[tier])
+            for _ in range(slots[tier]):
                 if tier == "gpu" and self.device.type == "cuda":
-                    slots.append(torch.empty(nbytes, dtype=torch.uint8, device=self.device))
+                    buffers.append(torch.empty(nbytes[tier] // slots[tier], dtype=torch.uint8, device=self.device))
                 else:
-                    slots.append(aligned_empty(nbytes, pin=pin and tier == "cpu"))
+                    buffers.append(aligned_empty(nbytes[tier] // slots[tier], pin=pin and tier == "cpu"))
 
     def submit(self, fn: Callable, *args, background: bool = True) -> Future:
         """Run on an I/O worker when overlapping, else now; either way the caller gets a future.
@@ -124,7 +124,7 @@ def read_layer(rt: Runtime, pos: int, slot: int) -> dict[str, torch.Tensor | Dis
     A disk weight read at its use (`Runtime.read_at_use`) comes back unread: a table as its store,
     which it reads by row or chunk, any other weight as a function that reads it into its staging room.
     """
-    staging, staged, out, at_use = rt.staging[slot], 0, {}, rt.read_at_use[pos]
+    staging, staged, out, at_use = rt.staging[slot % len(rt.staging)], 0, {}, rt.read_at_use[pos]
     for name, sw in rt.weights[pos].items():
         if not isinstance(sw.store, DiskStore):
             out[name] = sw.store.read(0, sw.codec.nbytes)
@@ -143,7 +143,7 @@ def decode_layer(rt: Runtime, pos: int, slot: int, stored: dict[str, torch.Tenso
 
     `ready` (CUDA) marks when the compute stream is done with the layer that last used this slot.
     """
-    working, tables, out, used = rt.working[slot], rt.specs[pos].tables, {}, 0
+    working, tables, out, used = rt.working[slot % len(rt.working)], rt.specs[pos].tables, {}, 0
     with torch.cuda.stream(rt.copy_stream) if rt.copy_stream is not None else contextlib.nullcontext():
         if ready is not None:
             rt.copy_stream.wait_event(ready)
@@ -178,7 +178,7 @@ def _compute_form(rt: Runtime, codec: WeightCodec, table: bool, data: torch.Tens
 
 
 class LayerLoad:
-    """One layer on its way to the compute device, in the next of the two buffer slots.
+    """One layer on its way to the compute device, in the next buffer slots.
 
     What a worker does, it does while the previous layer computes; the rest happens on the compute
     thread when the layer is needed. On a GPU a worker reads, uploads and decodes (on the copy stream).

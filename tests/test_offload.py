@@ -14,6 +14,7 @@ from policies import POLICIES
 from reference import assert_matches_hf
 
 from engine import Engine, Policy, UserError
+from engine.tiers import DiskStore
 
 MIXED = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28], [40, 41, 42, 43]]
 
@@ -37,7 +38,8 @@ def test_smollm2_matches_hf_under_every_policy(smollm2, hf_model, tmp_path, poli
 @pytest.mark.parametrize("direct_io", [False, True], ids=["buffered", "direct"])
 def test_weights_on_disk_are_read_once_per_block_step(tiny_models, tmp_path, direct_io):
     """Each weight is read once per forward pass of a block, except embedding tables: a lookup reads
-    only the rows it needs, far less than the table."""
+    only the rows it needs, far less than the table. Host staging holds one layer's reads, two where a
+    worker reads the next layer ahead (direct reads)."""
     policy = Policy(gpu_batch_size=2, num_gpu_batches=2, direct_io=direct_io).with_percent(0, 0, 100, 0, 100, 0)
     with Engine.load(tiny_models["opt"], policy=policy, offload_dir=tmp_path) as eng:
         weights = eng.rt.tiers["disk"].used
@@ -49,6 +51,10 @@ def test_weights_on_disk_are_read_once_per_block_step(tiny_models, tmp_path, dir
         most = (2 * 2 * 9 + 2 * 4) * sum(c.stored_row_bytes for c in tables.values())
         assert 0 < lookups <= most < min(c.nbytes for c in tables.values())
         assert eng.stats["peak_bytes"]["disk"] == weights
+        layer_staging = max(sum(DiskStore.staging_bytes(sw.codec.nbytes) for n, sw in layer.items()
+                                if not (spec.kind == "embed" and n in spec.tables))
+                            for layer, spec in zip(eng.rt.weights, eng.rt.specs, strict=True))
+        assert eng.rt.tiers["cpu"].used == (2 if direct_io else 1) * layer_staging
 
 
 def test_budget_refused_up_front_for_opt_175b():
