@@ -120,10 +120,11 @@ class Engine:
         # Workers take direct disk reads, and on a GPU any disk reads, uploads and decoding (schedule.LayerLoad).
         cuda = dev.type == "cuda"
         rt.read_at_use = at_use
-        rt.background = [(memory.layer_staging_bytes(layer, memory.tables_at_use(spec, names)) > 0
-                          and (policy.direct_io or cuda))
-                         or (cuda and memory.layer_working_bytes(layer, spec.tables, dev, compute) > 0)
-                         for layer, spec, names in zip(placed, specs, at_use, strict=True)]
+        rt.background = []
+        for layer, spec, names in zip(placed, specs, at_use, strict=True):
+            tables = memory.tables_at_use(spec, names)
+            rt.background.append((memory.layer_staging_bytes(layer, tables) > 0 and (policy.direct_io or cuda))
+                                 or (cuda and memory.layer_working_bytes(layer, spec.tables, dev, compute, tables) > 0))
 
         def sink(pos: int, name: str, tensor: torch.Tensor) -> None:
             sw = weights[pos][name]

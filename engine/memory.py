@@ -36,14 +36,14 @@ def data_device(tier: str, device: torch.device) -> torch.device:
 
 
 def layer_working_bytes(layer: dict[str, tuple[str, WeightCodec]], tables: tuple[str, ...],
-                        device: torch.device, compute: torch.dtype) -> int:
+                        device: torch.device, compute: torch.dtype, tables_at_use: frozenset[str]) -> int:
     """Working-buffer room for one layer's weights in compute form; weights used in place need none.
 
     Vocabulary tables stay in stored form (engine.tables): they only need room when their bytes
-    must first be moved to the device.
+    must first be moved to the device, and none when they are read from disk at use.
     """
     return sum(codec.working_room(name in tables, data_device(tier, device), device, compute)
-               for name, (tier, codec) in layer.items())
+               for name, (tier, codec) in layer.items() if name not in tables_at_use)
 
 
 def read_at_use(layer: dict[str, tuple[str, WeightCodec]], spec: LayerSpec, device: torch.device,
@@ -86,8 +86,9 @@ def working_bytes(placed: list[dict[str, tuple[str, WeightCodec]]], specs: list[
                   compute: torch.dtype, at_use: list[frozenset[str]], policy: Policy) -> dict[str, int]:
     """Every slot of weights in compute form and of disk read staging (buffer_slots)."""
     slots = buffer_slots(device, policy)
-    return {"gpu": slots["gpu"] * max(layer_working_bytes(layer, spec.tables, device, compute)
-                                      for layer, spec in zip(placed, specs, strict=True)),
+    return {"gpu": slots["gpu"] * max(layer_working_bytes(layer, spec.tables, device, compute,
+                                                          tables_at_use(spec, names))
+                                      for layer, spec, names in zip(placed, specs, at_use, strict=True)),
             "cpu": slots["cpu"] * max(layer_staging_bytes(layer, tables_at_use(spec, names))
                                       for layer, spec, names in zip(placed, specs, at_use, strict=True)),
             "disk": 0}
