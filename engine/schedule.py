@@ -72,6 +72,10 @@ class Runtime:
                 else:
                     buffers.append(aligned_empty(nbytes[tier] // slots[tier], pin=pin and tier == "cpu"))
 
+    def table_at_use(self, pos: int, name: str) -> bool:
+        """Whether weight `name` of layer `pos` is a table read from disk where used, by row or chunk."""
+        return name in self.specs[pos].tables and name in self.read_at_use[pos]
+
     def submit(self, fn: Callable, *args, background: bool = True) -> Future:
         """Run on an I/O worker when overlapping, else now; either way the caller gets a future.
 
@@ -124,15 +128,15 @@ def read_layer(rt: Runtime, pos: int, slot: int) -> dict[str, torch.Tensor | Dis
     A disk weight read at its use (`Runtime.read_at_use`) comes back unread: a table as its store,
     which it reads by row or chunk, any other weight as a function that reads it into its staging room.
     """
-    staging, staged, out, at_use = rt.staging[slot % len(rt.staging)], 0, {}, rt.read_at_use[pos]
+    staging, staged, out = rt.staging[slot % len(rt.staging)], 0, {}
     for name, sw in rt.weights[pos].items():
         if not isinstance(sw.store, DiskStore):
             out[name] = sw.store.read(0, sw.codec.nbytes)
-        elif name in rt.specs[pos].tables and name in at_use:
+        elif rt.table_at_use(pos, name):
             out[name] = sw.store
         else:
             read = functools.partial(sw.store.read, 0, sw.codec.nbytes, out=staging[staged:])
-            out[name] = read if name in at_use else read()
+            out[name] = read if name in rt.read_at_use[pos] else read()
             staged += DiskStore.staging_bytes(sw.codec.nbytes)
     return out
 
@@ -197,9 +201,8 @@ class LayerLoad:
         if rt.policy.overlap and rt.background[pos] and rt.io is not None:
             self.future = rt.io.submit(self._load)
         elif rt.policy.overlap:
-            tables = rt.specs[pos].tables
             for name, sw in rt.weights[pos].items():
-                if isinstance(sw.store, DiskStore) and not (name in tables and name in rt.read_at_use[pos]):
+                if isinstance(sw.store, DiskStore) and not rt.table_at_use(pos, name):
                     sw.store.prefetch(0, sw.codec.nbytes)
 
     def _load(self) -> dict:

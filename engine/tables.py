@@ -78,6 +78,7 @@ class Table:
         if not self.transposed:
             return self.codec.decode_rows(self._stored(flat), self.dtype).view(*ids.shape, self.width)
         return self.codec.decode_columns(self.data, flat, self.dtype).view(*ids.shape, self.rows)
+
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x @ table.T (an LM head), one decoded chunk at a time."""
         if self.step >= self.rows:
