@@ -5,38 +5,30 @@ from __future__ import annotations
 import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from engine import checkpoint, int4_matmul, memory
-from engine.codec import WeightCodec
+from engine import memory
 from engine.config import ModelConfig
 from engine.errors import UserError
-from engine.models import adapter_for
+from engine.generation import Generation, GenerationStats
+from engine.models.registry import adapter_for
 from engine.placement import place_layer_weights
-from engine.policy import TIERS, Policy, parse_size, torch_dtype_name
+from engine.policy import TIERS, Policy, parse_size, torch_dtype
+from engine.quant import int4_kernel
+from engine.quant.codec import WeightCodec
+from engine.quant.groupwise import QuantSpec
 from engine.sampling import choose, find_stop, row_generator
 from engine.schedule import Rows, Runtime, StoredWeight, run_block
-from engine.tiers import make_tiers
-
-
-@dataclass
-class Generation:
-    """One answer: generated tokens with their true log-probs; `text` leaves out a final EOS."""
-
-    text: str
-    token_ids: list[int]
-    logprobs: list[float]
-    finish_reason: str  # "stop", "length" or "eos"
-    prompt_logprobs: list[float | None] | None = None
+from engine.storage.tiers import make_tiers
+from engine.weights import load_tokenizer, resolve, stream_dummy, stream_folder
 
 
 def _dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name is None:
         return torch.float16 if device.type == "cuda" else torch.float32
-    return getattr(torch, torch_dtype_name(name))
+    return torch_dtype(name)
 
 
 class Engine:
@@ -44,7 +36,7 @@ class Engine:
 
     def __init__(self, rt: Runtime, tokenizer, source: str):
         self.rt, self.tokenizer, self.source = rt, tokenizer, source
-        self.stats: dict = {}
+        self.stats = GenerationStats()  # of the last generate() call
 
     def close(self) -> None:
         """Free the tiers and remove the offload files now (they also go at exit)."""
@@ -66,6 +58,16 @@ class Engine:
     def policy(self) -> Policy:
         return self.rt.policy
 
+    @property
+    def stored_weight_bytes(self) -> int:
+        """Bytes the weights take on their tiers, as stored (compressed or not), without working buffers."""
+        return sum(sw.codec.nbytes for layer in self.rt.weights for sw in layer.values())
+
+    @property
+    def fused_weights(self) -> int:
+        """How many weights run in torch's fused int4 kernel (engine.quant.int4_kernel)."""
+        return sum(sw.codec.fused for layer in self.rt.weights for sw in layer.values())
+
     # -- loading ---------------------------------------------------------------------------------------
     @classmethod
     def load(cls, model: str | os.PathLike, policy: Policy | None = None, weights: str | None = None,
@@ -74,7 +76,7 @@ class Engine:
              disk_mem: int | str | None = None, tokenizer: str | None = None, seed: int = 0) -> Engine:
         """Place `model` (a named config or a HF checkpoint folder) and stream its weights in."""
         policy = policy or Policy()
-        cfg, folder = checkpoint.resolve(model, weights)
+        cfg, folder = resolve(model, weights)
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"device {device!r} requested but no CUDA GPU is available; leave --device unset")
@@ -85,7 +87,7 @@ class Engine:
                            policy.direct_io, policy.pin_weight)
         try:
             rt = cls._place(cfg, policy, tiers, dev, compute, storage, folder, seed)
-            tok = checkpoint.load_tokenizer(folder, cfg, tokenizer)
+            tok = load_tokenizer(folder, cfg, tokenizer)
         except BaseException:
             tiers["disk"].close()
             raise
@@ -100,7 +102,7 @@ class Engine:
         for spec in specs:
             codecs = {n: WeightCodec(s, storage, wquant if len(s) == 2 else None, policy.comp_weight_dim,
                                      fused=policy.fused_int4 and n not in spec.tables
-                                     and int4_matmul.supported(s, wquant, policy.comp_weight_dim, dev))
+                                     and int4_kernel.supported(s, wquant, policy.comp_weight_dim, dev))
                       for n, s in spec.shapes.items()}
             where = place_layer_weights({n: c.nbytes for n, c in codecs.items()}, policy)
             placed.append({n: (where[n], codecs[n]) for n in codecs})
@@ -110,10 +112,10 @@ class Engine:
         work = memory.working_bytes(placed, specs, dev, compute, at_use, policy)
         total = {t: need[t] + work[t] for t in TIERS}
         memory.check(total, {t: tiers[t].capacity for t in TIERS}, f"{cfg.name or 'model'} does not fit", dev)
-        weights = [{n: StoredWeight(t, tiers[t].store(c.nbytes, f"{spec.name}.{n}"), c) for n, (t, c) in layer.items()}
+        stored = [{n: StoredWeight(t, tiers[t].store(c.nbytes, f"{spec.name}.{n}"), c) for n, (t, c) in layer.items()}
                    for spec, layer in zip(specs, placed, strict=True)]
         io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="flexhelm-io")
-        rt = Runtime(cfg, adapter, specs, weights, tiers, policy, dev, compute, storage, io,
+        rt = Runtime(cfg, adapter, specs, stored, tiers, policy, dev, compute, storage, io,
                      _quant(policy.comp_cache_bits, policy.comp_cache_group) if policy.compress_cache else None,
                      torch.cuda.Stream(dev) if dev.type == "cuda" else None)
         rt.reserve_buffers(work, memory.buffer_slots(dev, policy))
@@ -127,7 +129,7 @@ class Engine:
                                  or (cuda and memory.layer_working_bytes(layer, spec.tables, dev, compute, tables) > 0))
 
         def sink(pos: int, name: str, tensor: torch.Tensor) -> None:
-            sw = weights[pos][name]
+            sw = stored[pos][name]
             sw.store.write(0, sw.codec.encode(tensor.to(dev) if wquant is not None else tensor))
             progress.update(1)
 
@@ -135,9 +137,9 @@ class Engine:
         with tqdm(total=total_tensors, desc=f"loading {cfg.name or 'model'}", unit="tensor", leave=False,
                   disable=None) as progress:
             if folder is None:
-                checkpoint.stream_dummy(specs, sink, seed)
+                stream_dummy(specs, sink, seed)
             else:
-                checkpoint.stream_folder(folder, specs, sink)
+                stream_folder(folder, specs, sink)
         for tier in tiers.values():
             tier.reset_counters()
         return rt
@@ -161,34 +163,39 @@ class Engine:
                 raise UserError(f"prompt {i} has {len(row)} tokens; with {max_new_tokens} new tokens that exceeds "
                                 f"the model's context of {cfg.max_positions}; shorten it or lower max_new_tokens")
         states = [_RowState(seed, i) for i in range(len(ids))]
-        timings = {"prefill_s": 0.0, "decode_s": 0.0}
+        stats = GenerationStats(prompt_tokens=sum(len(r) for r in ids), block_size=policy.block_size)
         for tier in rt.tiers.values():
             tier.reset_counters()
         steps = max(1, max_new_tokens)
         blocks = plan_blocks([len(r) for r in ids], policy)
-        padded = 0
+        stats.num_blocks = len(blocks)
         if max_new_tokens > 0 or echo_prompt:
             self._check_block_memory(blocks, [len(r) for r in ids], steps)
-            with tqdm(total=len(ids), desc="generating", unit="row", leave=False, disable=None) as progress:
+            with tqdm(total=len(ids) * steps, desc="generating", unit="tok", leave=False, disable=None) as progress:
                 for block in blocks:
                     batches = [_rows(ids, batch, cfg) for batch in block]
-                    padded += sum(r.ids.numel() for r in batches)
+                    stats.padded_prompt_tokens += sum(r.ids.numel() for r in batches)
+                    rows, start = sum(len(b) for b in block), progress.n
+
+                    def on_pass(step: int, seconds: float, rows: int = rows) -> None:
+                        if step == 0:
+                            stats.prefill_s += seconds
+                        else:
+                            stats.decode_s += seconds
+                        progress.update(rows)
+
                     run_block(rt, batches, steps, echo_prompt,
                               self._on_step(batches, states, max_new_tokens, temperature, top_p, top_k, stops),
-                              timings)
-                    progress.update(sum(len(b) for b in block))
+                              on_pass)
+                    progress.update(start + rows * steps - progress.n)  # rows that all stopped early
         outs = [s.result(self.tokenizer, ids[i] if echo_prompt else None, stops, cfg)
                 for i, s in enumerate(states)]
-        generated = sum(len(o.token_ids) for o in outs)
-        elapsed = timings["prefill_s"] + timings["decode_s"]
-        self.stats = {
-            **timings, "generated_tokens": generated, "prompt_tokens": sum(len(r) for r in ids),
-            "padded_prompt_tokens": padded, "tokens_per_s": generated / elapsed if elapsed else 0.0,
-            "num_blocks": len(blocks), "block_size": policy.block_size,
-            "peak_bytes": {t: rt.tiers[t].peak for t in TIERS},
-            "bytes_read": {t: rt.tiers[t].bytes_read for t in TIERS},
-            "bytes_written": {t: rt.tiers[t].bytes_written for t in TIERS},
-        }
+        stats.generated_tokens = sum(len(o.token_ids) for o in outs)
+        for tier in TIERS:
+            stats.peak_bytes[tier] = rt.tiers[tier].peak
+            stats.bytes_read[tier] = rt.tiers[tier].bytes_read
+            stats.bytes_written[tier] = rt.tiers[tier].bytes_written
+        self.stats = stats
         if not logprobs:
             outs = [dataclasses.replace(o, logprobs=[]) for o in outs]
         return outs
@@ -244,8 +251,6 @@ class Engine:
 
 
 def _quant(bits: int, group: int):
-    from engine.compression import QuantSpec
-
     return QuantSpec(bits=bits, group=group)
 
 

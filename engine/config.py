@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,13 +48,6 @@ class ModelConfig:
     def embed_dim(self) -> int:
         return self.word_embed_proj_dim or self.hidden
 
-    def num_params(self) -> int:
-        """Parameter count (tied embeddings counted once)."""
-        from engine.models import adapter_for
-
-        specs = adapter_for(self).layer_specs(self)
-        total = sum(math.prod(shape) for spec in specs for shape in spec.shapes.values())
-        return total - (math.prod(specs[-1].shapes["lm_head"]) if self.tie_embeddings else 0)
 
 
 def _opt(name: str, hidden: int, layers: int, heads: int, **kw) -> ModelConfig:

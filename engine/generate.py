@@ -7,11 +7,11 @@ import json
 import sys
 
 from engine.errors import UserError, cli_main
-from engine.policy import add_policy_args
+from engine.flags import ArgumentParser, add_policy_args, load_engine
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__)
+    p = ArgumentParser(prog="python -m engine.generate", description=__doc__)
     p.add_argument("--model", required=True, help="named config (opt-125m ... opt-175b, smollm2-135m) or folder")
     p.add_argument("--weights", choices=["dummy"], help="seeded random weights instead of a checkpoint")
     p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
@@ -38,8 +38,6 @@ def _ids(text: str) -> list[int]:
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    from engine.launch import load_engine
-
     args = build_parser().parse_args(argv)
     if bool(args.prompt) == bool(args.prompt_ids):
         raise UserError("give either --prompt TEXT or --prompt-ids 1,2,3 (one or more times), not both")
@@ -51,14 +49,14 @@ def main(argv: list[str] | None = None) -> None:
                         echo_prompt=args.echo_prompt)
     if args.json:
         keys = ("text", "token_ids", "logprobs", "finish_reason") + (("prompt_logprobs",) if args.echo_prompt else ())
-        print(json.dumps({"outputs": [{k: getattr(o, k) for k in keys} for o in outs], "stats": eng.stats}))
+        print(json.dumps({"outputs": [{k: getattr(o, k) for k in keys} for o in outs], "stats": eng.stats.to_dict()}))
         return
     for o in outs:
         print(o.text)
         print(f"  [{len(o.token_ids)} tokens, finish: {o.finish_reason}]", file=sys.stderr)
     s = eng.stats
-    print(f"{s['generated_tokens']} tokens in {s['prefill_s'] + s['decode_s']:.2f}s: {s['tokens_per_s']:.2f} tok/s "
-          f"(prefill {s['prefill_s']:.2f}s, decode {s['decode_s']:.2f}s)", file=sys.stderr)
+    print(f"{s.generated_tokens} tokens in {s.elapsed_s:.2f}s: {s.tokens_per_s:.2f} tok/s "
+          f"(prefill {s.prefill_s:.2f}s, decode {s.decode_s:.2f}s)", file=sys.stderr)
 
 
 if __name__ == "__main__":

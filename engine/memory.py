@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from engine.codec import RowCodec, WeightCodec
 from engine.config import ModelConfig
 from engine.errors import UserError
-from engine.host_memory import available_ram
-from engine.models import LayerSpec
+from engine.models.base import LayerSpec
 from engine.placement import split_count
 from engine.policy import TIERS, Policy
+from engine.quant.codec import RowCodec, WeightCodec
+from engine.storage.host_memory import available_ram
+from engine.storage.tiers import DiskStore, human
 from engine.tables import CHUNK_ELEMS, Table
-from engine.tiers import DiskStore, human
 
 _CHECK_HINT = "raise the budget (--gpu-mem/--cpu-mem, a bigger --offload-dir) or move data with --percent"
 

@@ -1,56 +1,69 @@
-"""The placement and scheduling policy, its validation, and the shared CLI option group.
+"""The placement and scheduling policy and its validation.
 
 One `Policy` describes everything that changes *how* the engine runs a model (never *what* it
 computes): where weights, KV cache and activations live, how rows are batched, and whether
 tensors are compressed. Every field has a default, so `Policy()` runs everything on the compute
-device.
+device. Each field's metadata carries its help text, from which engine.flags builds the CLI.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from typing import Any
+
+import torch
 
 from engine.errors import UserError
 
 TIERS = ("gpu", "cpu", "disk")
+PERCENT_FIELDS = ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent",
+                  "act_gpu_percent", "act_cpu_percent")
 
-_DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
-           "bf16": "bfloat16", "bfloat16": "bfloat16"}
+# Every spelling of a precision the engine takes; the short names are the ones its flags offer.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def _opt(help: str, **cli: Any) -> Any:
+    """Field metadata: its help text, and how engine.flags turns it into a flag (cli=False: none)."""
+    return {"help": help, **cli}
 
 
 @dataclass
 class Policy:
     """Where tensors live and how rows are batched. Percentages are 0..100; disk takes the rest."""
 
-    gpu_batch_size: int = 8
-    num_gpu_batches: int = 1
-    w_gpu_percent: float = 100.0
-    w_cpu_percent: float = 0.0
-    cache_gpu_percent: float = 100.0
-    cache_cpu_percent: float = 0.0
-    act_gpu_percent: float = 100.0
-    act_cpu_percent: float = 0.0
-    overlap: bool = True
-    cpu_cache_compute: bool = False
-    pin_weight: bool = True
-    compress_weight: bool = False
-    compress_cache: bool = False
-    comp_weight_bits: int = 4
-    comp_weight_group: int = 64
-    comp_weight_dim: int = 0
+    gpu_batch_size: int = field(default=8, metadata=_opt("rows per GPU batch"))
+    num_gpu_batches: int = field(default=1, metadata=_opt("GPU batches per block, sharing each layer's weight load"))
+    w_gpu_percent: float = field(default=100.0, metadata=_opt("weights on the gpu tier", cli=False))
+    w_cpu_percent: float = field(default=0.0, metadata=_opt("weights on the cpu tier", cli=False))
+    cache_gpu_percent: float = field(default=100.0, metadata=_opt("KV cache on the gpu tier", cli=False))
+    cache_cpu_percent: float = field(default=0.0, metadata=_opt("KV cache on the cpu tier", cli=False))
+    act_gpu_percent: float = field(default=100.0, metadata=_opt("activations on the gpu tier", cli=False))
+    act_cpu_percent: float = field(default=0.0, metadata=_opt("activations on the cpu tier", cli=False))
+    overlap: bool = field(default=True, metadata=_opt("overlap I/O with compute (off: one after another)"))
+    cpu_cache_compute: bool = field(default=False, metadata=_opt("run attention next to a host-memory KV cache"))
+    pin_weight: bool = field(default=True, metadata=_opt("pin host-memory weights for faster uploads"))
+    compress_weight: bool = field(default=False, metadata=_opt("group-wise quantized weights"))
+    compress_cache: bool = field(default=False, metadata=_opt("group-wise quantized KV cache"))
+    comp_weight_bits: int = field(default=4, metadata=_opt("bits per compressed weight (2-8)"))
+    comp_weight_group: int = field(default=64, metadata=_opt("group size of compressed weights"))
+    comp_weight_dim: int = field(default=0, metadata=_opt(
+        "group weights along the output (0) or input (1) dimension", choices=(0, 1), aliases=("--comp-dim",)))
     # On a CPU, 4-bit weights grouped along dim 1 run small products (decode steps) in torch's fused int4
-    # kernel with bf16 activations (engine.int4_matmul); False keeps every product in compute_dtype.
-    fused_int4: bool = True
-    comp_cache_bits: int = 4
-    comp_cache_group: int = 64
-    compute_dtype: str | None = None  # None: fp32 on CPU, fp16 on a GPU
-    storage_dtype: str | None = None  # None: same rule as compute_dtype
-    direct_io: bool = False
-    threads: int | None = None
-    extra: dict = field(default_factory=dict, repr=False, compare=False)
+    # kernel with bf16 activations (engine.quant.int4_kernel); False keeps every product in compute_dtype.
+    fused_int4: bool = field(default=True, metadata=_opt(
+        "on a CPU, run decode-step products of 4-bit dim-1 weights in torch's fused int4 kernel (bf16 activations)"))
+    comp_cache_bits: int = field(default=4, metadata=_opt("bits per compressed KV-cache value (2-8)"))
+    comp_cache_group: int = field(default=64, metadata=_opt("group size of the compressed KV cache"))
+    compute_dtype: str | None = field(default=None, metadata=_opt(
+        "precision of compute (default: fp32 on a CPU, fp16 on a GPU)", type=str, choices=tuple(DTYPES)))
+    storage_dtype: str | None = field(default=None, metadata=_opt(
+        "precision of stored tensors (default: the compute dtype)", type=str, choices=tuple(DTYPES)))
+    direct_io: bool = field(default=False, metadata=_opt("bypass the page cache on the disk tier (O_DIRECT)"))
+    threads: int | None = field(default=None, metadata=_opt("torch compute threads (default: torch's)", type=int))
 
     def __post_init__(self) -> None:
         self.validate()
@@ -69,18 +82,25 @@ class Policy:
 
     @property
     def percent(self) -> tuple[float, ...]:
-        return (self.w_gpu_percent, self.w_cpu_percent, self.cache_gpu_percent,
-                self.cache_cpu_percent, self.act_gpu_percent, self.act_cpu_percent)
+        return tuple(getattr(self, name) for name in PERCENT_FIELDS)
 
     def with_percent(self, *values: float) -> Policy:
-        names = ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent",
-                 "act_gpu_percent", "act_cpu_percent")
-        return dataclasses.replace(self, **dict(zip(names, values, strict=True)))
+        """A copy with FlexGen's six percentages: weights, cache, activations on gpu and cpu."""
+        return dataclasses.replace(self, **dict(zip(PERCENT_FIELDS, values, strict=True)))
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("extra")
-        return d
+        return dataclasses.asdict(self)
+
+    def label(self, block: bool = True) -> str:
+        """Short text for tables and logs: block shape, gpu/cpu percent of weights, cache and activations,
+        then whatever else differs from the defaults (e.g. `8x4 w20/80 c0/100 a0/100 cpu-attn w4-dim0`)."""
+        pct = " ".join(f"{kind}{self.percent[2 * i]:g}/{self.percent[2 * i + 1]:g}" for i, kind in enumerate("wca"))
+        flags = (("cpu-attn", self.cpu_cache_compute), ("no-overlap", not self.overlap),
+                 (f"w{self.comp_weight_bits}-dim{self.comp_weight_dim}", self.compress_weight),
+                 (f"c{self.comp_cache_bits}", self.compress_cache), ("direct-io", self.direct_io),
+                 ("no-fused-int4", not self.fused_int4 and self.compress_weight))
+        parts = ([f"{self.gpu_batch_size}x{self.num_gpu_batches}"] if block else []) + [pct]
+        return " ".join(parts + [name for name, on in flags if on])
 
     def compression_label(self) -> str:
         """Short name used in output folder names and reports: none, w4, c4, w4c4, ..."""
@@ -116,15 +136,15 @@ class Policy:
                             f"{self.comp_weight_dim}")
         for name in ("compute_dtype", "storage_dtype"):
             value = getattr(self, name)
-            if value is not None and value not in _DTYPES:
-                raise UserError(f"policy: {name} must be one of {sorted(set(_DTYPES))}, got {value!r}")
+            if value is not None and _DTYPE_ALIASES.get(value, value) not in DTYPES:
+                raise UserError(f"policy: {name} must be one of {sorted(DTYPES)}, got {value!r}")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"policy: threads must be positive, got {self.threads}")
 
 
-def torch_dtype_name(name: str) -> str:
-    """Map a user dtype spelling (fp16, bf16, fp32, ...) to torch's attribute name."""
-    return _DTYPES[name]
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a user's spelling (fp16, bf16, fp32, float16, ...)."""
+    return DTYPES[_DTYPE_ALIASES.get(name, name)]
 
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)(B?)\s*$", re.IGNORECASE)
@@ -141,62 +161,3 @@ def parse_size(text: str | int | None) -> int | None:
     power = "KMGT".find(unit.upper()) + 1 if unit else 0
     base = 1000 if (byte and not binary) else 1024  # GB is decimal; GiB and a bare G are binary
     return int(float(number) * base**power)
-
-
-# -- the shared CLI option group -----------------------------------------------------------------
-
-def add_policy_args(parser: argparse.ArgumentParser, *, default_block: tuple[int, int] = (8, 1)) -> None:
-    """Add the policy options shared by engine.generate, engine.bench, engine.search, harness.run."""
-    g = parser.add_argument_group("policy")
-    g.add_argument("--policy", choices=["manual", "auto"], default="manual",
-                   help="'auto' chooses the placement with the policy search")
-    g.add_argument("--hardware", default="local",
-                   help="profile for --policy auto: t4-paper, a100-40gb, a100-80gb, h100-80gb, h200, 'local' "
-                        "(this machine, measured once) or a profile JSON path")
-    g.add_argument("--percent", nargs=6, type=float, metavar=("WG", "WC", "CG", "CC", "HG", "HC"),
-                   help="weights, cache and activations on gpu/cpu, in percent; disk takes the rest")
-    g.add_argument("--gpu-batch-size", type=int, default=default_block[0])
-    g.add_argument("--num-gpu-batches", type=int, default=default_block[1])
-    g.add_argument("--cpu-cache-compute", action="store_true",
-                   help="run attention next to a host-memory KV cache")
-    g.add_argument("--no-overlap", action="store_true", help="do I/O and compute one after another")
-    g.add_argument("--pin-weight", type=int, choices=[0, 1], default=1)
-    g.add_argument("--gpu-mem", help="budget of the gpu tier, e.g. 16GiB (default: free memory)")
-    g.add_argument("--cpu-mem", help="budget of the cpu tier, e.g. 64GiB (default: available RAM)")
-    g.add_argument("--offload-dir", help="folder of the disk tier (default: a temporary folder)")
-    g.add_argument("--direct-io", action="store_true", help="bypass the page cache on the disk tier")
-    g.add_argument("--threads", type=int, help="torch compute threads")
-    g.add_argument("--compute-dtype", choices=["fp32", "fp16", "bf16"])
-    g.add_argument("--storage-dtype", choices=["fp32", "fp16", "bf16"])
-    g.add_argument("--compress", choices=["none", "weight", "cache", "both"],
-                   help="shorthand for --compress-weight / --compress-cache")
-    g.add_argument("--compress-weight", action="store_true", help="4-bit group-wise weights")
-    g.add_argument("--compress-cache", action="store_true", help="4-bit group-wise KV cache")
-    g.add_argument("--comp-bits", type=int, default=4, help="bits for compressed weights and cache")
-    g.add_argument("--comp-group", type=int, default=64, help="group size for compression")
-    g.add_argument("--comp-dim", type=int, choices=[0, 1], default=0,
-                   help="group weights along the output (0) or input (1) dimension")
-    g.add_argument("--no-fused-int4", action="store_true",
-                   help="on a CPU, decode 4-bit dim-1 weights for every product instead of running "
-                        "decode steps in torch's fused int4 kernel (bf16 activations)")
-
-
-def policy_from_args(args: argparse.Namespace) -> Policy:
-    """Build a Policy from parsed policy options (without resolving --policy auto)."""
-    compress = getattr(args, "compress", None)
-    cw = bool(args.compress_weight or compress in ("weight", "both"))
-    cc = bool(args.compress_cache or compress in ("cache", "both"))
-    kwargs = dict(
-        gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches,
-        overlap=not args.no_overlap, cpu_cache_compute=args.cpu_cache_compute,
-        pin_weight=bool(args.pin_weight), compress_weight=cw, compress_cache=cc,
-        comp_weight_bits=args.comp_bits, comp_weight_group=args.comp_group, comp_weight_dim=args.comp_dim,
-        fused_int4=not args.no_fused_int4,
-        comp_cache_bits=args.comp_bits, comp_cache_group=args.comp_group,
-        compute_dtype=args.compute_dtype, storage_dtype=args.storage_dtype,
-        direct_io=args.direct_io, threads=args.threads,
-    )
-    policy = Policy(**kwargs)
-    if args.percent:
-        policy = policy.with_percent(*args.percent)
-    return policy

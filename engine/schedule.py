@@ -16,15 +16,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.codec import RowCodec, WeightCodec
 from engine.config import ModelConfig
-from engine.int4_matmul import PackedLinear
-from engine.models import LayerSpec
+from engine.models.base import LayerSpec
 from engine.models.layers import attention, linear
 from engine.placement import split_count
 from engine.policy import Policy
+from engine.quant.codec import RowCodec, WeightCodec
+from engine.quant.int4_kernel import PackedLinear
+from engine.storage.tiers import DiskStore, MemoryStore, Tier, aligned_empty
 from engine.tables import Table
-from engine.tiers import DiskStore, MemoryStore, Tier, aligned_empty
 
 Store = MemoryStore | DiskStore
 
@@ -384,8 +384,11 @@ def _step_ctx(rows: Rows, step: int, device: torch.device) -> _StepCtx:
 
 
 def run_block(rt: Runtime, batches: list[Rows], steps: int, echo: bool, on_step: OnStep,
-              timings: dict[str, float]) -> None:
-    """Run `steps` forward passes (1 prefill + steps-1 decodes) over every GPU batch of one block."""
+              on_pass: Callable[[int, float], None]) -> None:
+    """Run `steps` forward passes (1 prefill + steps-1 decodes) over every GPU batch of one block.
+
+    `on_pass(step, seconds)` follows each pass: its time, with the device synchronized.
+    """
     cfg, adapter, n_layers = rt.cfg, rt.adapter, len(rt.specs)
     caches = [[LayerCache(rt, len(r.index), r.ids.shape[1] + steps) for r in batches] for _ in range(cfg.n_layers)]
     acts = [Activation(rt, len(r.index) * r.ids.shape[1] * cfg.hidden) for r in batches]
@@ -425,7 +428,7 @@ def run_block(rt: Runtime, batches: list[Rows], steps: int, echo: bool, on_step:
                 del w
             if rt.device.type == "cuda":
                 torch.cuda.synchronize(rt.device)
-            timings["prefill_s" if step == 0 else "decode_s"] += time.perf_counter() - start
+            on_pass(step, time.perf_counter() - start)
             if all(finished):
                 break
     finally:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.codec import WeightCodec
-from engine.tiers import DiskStore, aligned_empty
+from engine.quant.codec import WeightCodec
+from engine.storage.tiers import DiskStore, aligned_empty
 
 CHUNK_ELEMS = 1 << 20  # 4 MiB of fp32 per decoded chunk
 

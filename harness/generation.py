@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from helm.common.request import GeneratedOutput, Request, RequestResult, Token
 
+from engine import GenerationStats
 from harness.batching import GenerationParams
 
 # engine finish reasons -> the names HELM's finish_reason metrics count
@@ -32,14 +33,14 @@ class CallStats:
     bytes_read: dict = field(default_factory=dict)
     bytes_written: dict = field(default_factory=dict)
 
-    def add_engine_stats(self, stats: dict) -> None:
+    def add_engine_stats(self, stats: GenerationStats) -> None:
         for name in STAT_SUMS:
-            self.sums[name] += float(stats.get(name) or 0)
+            self.sums[name] += float(getattr(stats, name))
         for name in ("bytes_read", "bytes_written"):
             total = getattr(self, name)
-            for tier, value in (stats.get(name) or {}).items():
+            for tier, value in getattr(stats, name).items():
                 total[tier] = total.get(tier, 0) + int(value)
-        for tier, value in (stats.get("peak_bytes") or {}).items():
+        for tier, value in stats.peak_bytes.items():
             self.peak_bytes[tier] = max(self.peak_bytes.get(tier, 0), int(value))
 
     def merge(self, other: CallStats) -> None:

@@ -8,7 +8,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from harness.deployment import EngineSpec
+from harness.helm.deployment import EngineSpec
 
 PACKAGES = ("flexhelm", "crfm-helm", "torch", "transformers", "nltk")
 

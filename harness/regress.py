@@ -20,7 +20,6 @@ answers changed, the binomial test is decisive from 6 instances per entry (0.6**
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -29,7 +28,8 @@ import pandas as pd
 from scipy import stats
 
 from engine.errors import UserError, cli_main
-from harness.report import UNCOMPRESSED, changed_rate, load_report, pair_runs, paired_instances
+from engine.flags import ArgumentParser
+from harness.report.runs import UNCOMPRESSED, changed_rate, load_report, pair_runs, paired_instances
 
 DEFAULT_MAX_DROP = 5.0  # points
 DEFAULT_MAX_CHANGED = 0.60  # 4-bit SmolLM2-135M changes 22-46% of MMLU answers, 2-bit 100%
@@ -122,7 +122,7 @@ def _usage_errors_exit_2(func):
 @cli_main
 @_usage_errors_exit_2
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m harness.regress", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m harness.regress", description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", type=Path, help="output folder to compare against, e.g. a stored one")
     parser.add_argument("--candidate", type=Path, required=True, help="output folder under test")
     parser.add_argument("--max-drop", type=float, default=DEFAULT_MAX_DROP,

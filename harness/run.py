@@ -20,13 +20,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.errors import UserError, cli_main
-from engine.launch import resolve_policy
-from engine.policy import Policy, add_policy_args
+from engine.flags import ArgumentParser, add_policy_args, resolve_policy
+from engine.policy import Policy
+from harness.files import write_json_atomic
+from harness.helm.deployment import EngineSpec, register_helm_configs, write_local_config
+from harness.helm.engine_pool import engine_for, model_facts, release
+from harness.manifest import build_manifest
+from harness.report.runs import write_report
+from harness.report.summary import run_row, summary_table
+from scenarios.nltk_fallback import ensure_punkt_tab
+from scenarios.offline import link_data_dir
 
 if TYPE_CHECKING:  # HELM is imported after the offline variables are set
     from helm.benchmark.presentation.run_entry import RunEntry
-
-    from harness.deployment import EngineSpec
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 DEFAULT_MODEL = "smollm2-135m"
@@ -35,8 +41,7 @@ AUTO_PROMPT_LEN, AUTO_GEN_LEN = 512, 32  # the FlexGen paper's HELM block shape
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m harness.run", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m harness.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--suite", help="suite name (smoke, helm-lite, flexgen-paper) or a run-entry conf path")
     p.add_argument("--run-entries", nargs="+", default=[], metavar="ENTRY",
                    help="HELM run entries, e.g. 'mmlu:subject=anatomy' (model=text or none: runs on --model)")
@@ -86,8 +91,6 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--data-dir {args.data_dir} is not a folder; pass HELM's scenario cache folder "
                         "(e.g. ../shared/data/helm-scenarios)")
 
-    from harness.deployment import EngineSpec
-    from harness.engine_pool import release
     from harness.suites import load_run_entries
 
     suite, entries = load_run_entries(args.suite, args.run_entries)
@@ -105,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         code = max(code, run_suite(spec, suite, entries, folder, args))
         release(spec)  # the next variant loads its own engine
     if any(output.glob("**/runs/*/*/run_spec.json")):  # nothing to report when every entry was skipped
-        from harness.report import write_report
 
         write_report(output)
         print(f"report: {output / 'report.md'}", flush=True)
@@ -119,15 +121,8 @@ def run_suite(spec: EngineSpec, suite: str, entries: list[RunEntry], output: Pat
     from helm.common.authentication import Authentication
     from helm.common.cache_backend_config import SqliteCacheBackendConfig
 
-    from harness.deployment import register_helm_configs, write_local_config
-    from harness.engine_pool import engine_for, model_facts
-    from harness.files import write_json_atomic
-    from harness.manifest import build_manifest
+    from harness.helm.runner import EngineRunner
     from harness.plan import plan_runs
-    from harness.runner import EngineRunner
-    from harness.summary import run_row, summary_table
-    from scenarios.nltk_fallback import ensure_punkt_tab
-    from scenarios.offline import link_data_dir
 
     scenarios_dir = output / "scenarios"
     linked = link_data_dir(args.data_dir, scenarios_dir)

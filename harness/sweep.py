@@ -8,7 +8,6 @@ same point replaces it), so several calls build the set of curves the notebook p
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 
@@ -16,10 +15,11 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from engine import Engine
 from engine.errors import UserError, cli_main
-from engine.policy import TIERS, Policy, add_policy_args, policy_from_args
-from harness import plots
-from harness.report import policy_label
+from engine.flags import ArgumentParser, add_policy_args, policy_from_args
+from engine.policy import TIERS, Policy
+from harness.report import plots
 
 KEY = ["device", "model", "weights", "policy", "compression", "effective_batch", "prompt_len", "gen_len"]
 
@@ -33,8 +33,6 @@ def device_name() -> str:
 def measure(model: str, weights: str | None, policy: Policy, prompt_len: int, gen_len: int,
             load_kwargs: dict, seed: int = 0) -> dict:
     """Load the engine with `policy`, generate one full block of random prompts, return its figures."""
-    from engine import Engine
-
     eng = Engine.load(model, policy=policy, weights=weights, **load_kwargs)
     gen = torch.Generator().manual_seed(seed)
     shape = (policy.block_size, prompt_len)
@@ -42,16 +40,15 @@ def measure(model: str, weights: str | None, policy: Policy, prompt_len: int, ge
     eng.generate(prompts[: policy.gpu_batch_size], max_new_tokens=2)  # warm-up: allocation, first kernels
     eng.generate(prompts, max_new_tokens=gen_len, seed=seed)
     s = eng.stats
-    seconds = s["prefill_s"] + s["decode_s"]
     row = {"device": device_name(), "model": Path(model).name if Path(model).is_dir() else model,
            "weights": weights or "checkpoint",
-           "policy": f"{policy_label(policy.to_dict(), block=False)} x{policy.num_gpu_batches} batches",
+           "policy": policy.label(),
            "compression": policy.compression_label(), "effective_batch": policy.block_size,
            "gpu_batch_size": policy.gpu_batch_size, "num_gpu_batches": policy.num_gpu_batches,
-           "prompt_len": prompt_len, "gen_len": gen_len, "generated_tokens": s["generated_tokens"],
-           "prefill_s": s["prefill_s"], "decode_s": s["decode_s"],
-           "tokens_per_s": s["generated_tokens"] / seconds if seconds > 0 else float("nan")}
-    row.update({f"peak_{t}_bytes": s["peak_bytes"].get(t, 0) for t in TIERS})
+           "prompt_len": prompt_len, "gen_len": gen_len, "generated_tokens": s.generated_tokens,
+           "prefill_s": s.prefill_s, "decode_s": s.decode_s,
+           "tokens_per_s": s.tokens_per_s if s.elapsed_s > 0 else float("nan")}
+    row.update({f"peak_{t}_bytes": s.peak_bytes[t] for t in TIERS})
     return row
 
 
@@ -82,7 +79,7 @@ def merge_into(csv: Path, table: pd.DataFrame) -> pd.DataFrame:
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m harness.sweep", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m harness.sweep", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="opt-125m", help="named config or checkpoint folder")
     parser.add_argument("--weights", default="dummy",
                         help="'dummy' for seeded random weights, 'checkpoint' to load the model's own")

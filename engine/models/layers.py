@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.int4_matmul import PackedLinear
+from engine.quant.int4_kernel import PackedLinear
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | PackedLinear, b: torch.Tensor | None = None) -> torch.Tensor:

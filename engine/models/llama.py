@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import ModelConfig
-from engine.models import Attend, LayerSpec
+from engine.models.base import Attend, LayerSpec
 from engine.models.layers import apply_rope, linear, rms_norm, rope_cos_sin
 
 

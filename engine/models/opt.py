@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine.config import ModelConfig
-from engine.models import Attend, LayerSpec
+from engine.models.base import Attend, LayerSpec
 from engine.models.layers import layer_norm, linear
 
 

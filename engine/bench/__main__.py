@@ -1,0 +1,5 @@
+"""`python -m engine.bench`: the offloading benchmark (engine.bench.offload)."""
+
+from engine.bench.offload import main
+
+main()

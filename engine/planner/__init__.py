@@ -1,0 +1,1 @@
+"""The planner: cost model, policy search and hardware profiles, above the runtime."""
