@@ -19,8 +19,9 @@ from engine.policy import TIERS, Policy, parse_size, torch_dtype
 from engine.quant import int4_kernel
 from engine.quant.codec import WeightCodec
 from engine.quant.groupwise import QuantSpec
+from engine.runtime import LayerPlan, Runtime, StoredWeight, allocate_buffers
 from engine.sampling import choose, find_stop, row_generator
-from engine.schedule import Rows, Runtime, StoredWeight, run_block
+from engine.schedule import Rows, run_block
 from engine.storage.tiers import make_tiers
 from engine.weights import load_tokenizer, resolve, stream_dummy, stream_folder
 
@@ -40,8 +41,7 @@ class Engine:
 
     def close(self) -> None:
         """Free the tiers and remove the offload files now (they also go at exit)."""
-        if self.rt.io is not None:
-            self.rt.io.shutdown(wait=True)
+        self.rt.io.shutdown(wait=True)
         self.rt.tiers["disk"].close()
 
     def __enter__(self) -> Engine:
@@ -97,7 +97,7 @@ class Engine:
     def _place(cfg, policy, tiers, dev, compute, storage, folder, seed) -> Runtime:
         adapter = adapter_for(cfg)
         specs = adapter.layer_specs(cfg)
-        wquant = _quant(policy.comp_weight_bits, policy.comp_weight_group) if policy.compress_weight else None
+        wquant = QuantSpec(policy.comp_weight_bits, policy.comp_weight_group) if policy.compress_weight else None
         placed = []
         for spec in specs:
             codecs = {n: WeightCodec(s, storage, wquant if len(s) == 2 else None, policy.comp_weight_dim,
@@ -113,20 +113,20 @@ class Engine:
         total = {t: need[t] + work[t] for t in TIERS}
         memory.check(total, {t: tiers[t].capacity for t in TIERS}, f"{cfg.name or 'model'} does not fit", dev)
         stored = [{n: StoredWeight(t, tiers[t].store(c.nbytes, f"{spec.name}.{n}"), c) for n, (t, c) in layer.items()}
-                   for spec, layer in zip(specs, placed, strict=True)]
-        io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="flexhelm-io")
-        rt = Runtime(cfg, adapter, specs, stored, tiers, policy, dev, compute, storage, io,
-                     _quant(policy.comp_cache_bits, policy.comp_cache_group) if policy.compress_cache else None,
-                     torch.cuda.Stream(dev) if dev.type == "cuda" else None)
-        rt.reserve_buffers(work, memory.buffer_slots(dev, policy))
+                  for spec, layer in zip(specs, placed, strict=True)]
+        buffers = allocate_buffers(tiers, dev, work, memory.buffer_slots(dev, policy))
         # Workers take direct disk reads, and on a GPU any disk reads, uploads and decoding (schedule.LayerLoad).
         cuda = dev.type == "cuda"
-        rt.read_at_use = at_use
-        rt.background = []
+        plans = []
         for layer, spec, names in zip(placed, specs, at_use, strict=True):
             tables = memory.tables_at_use(spec, names)
-            rt.background.append((memory.layer_staging_bytes(layer, tables) > 0 and (policy.direct_io or cuda))
-                                 or (cuda and memory.layer_working_bytes(layer, spec.tables, dev, compute, tables) > 0))
+            background = ((memory.layer_staging_bytes(layer, tables) > 0 and (policy.direct_io or cuda))
+                          or (cuda and memory.layer_working_bytes(layer, spec.tables, dev, compute, tables) > 0))
+            plans.append(LayerPlan(names, background))
+        rt = Runtime(cfg, adapter, specs, stored, plans, tiers, policy, dev, compute, storage,
+                     ThreadPoolExecutor(max_workers=2, thread_name_prefix="flexhelm-io"),
+                     QuantSpec(policy.comp_cache_bits, policy.comp_cache_group) if policy.compress_cache else None,
+                     torch.cuda.Stream(dev) if cuda else None, buffers["gpu"], buffers["cpu"])
 
         def sink(pos: int, name: str, tensor: torch.Tensor) -> None:
             sw = stored[pos][name]
@@ -248,10 +248,6 @@ class Engine:
             return nxt.masked_fill(torch.tensor([s.done for s in rows]), filler), all(s.done for s in rows)
 
         return on_step
-
-
-def _quant(bits: int, group: int):
-    return QuantSpec(bits=bits, group=group)
 
 
 class _RowState:

@@ -11,82 +11,18 @@ import contextlib
 import functools
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 
-from engine.config import ModelConfig
-from engine.models.base import LayerSpec
-from engine.models.layers import attention, linear
-from engine.placement import split_count
-from engine.policy import Policy
-from engine.quant.codec import RowCodec, WeightCodec
+from engine.kv_cache import Activation, LayerCache
+from engine.models.layers import linear
+from engine.quant.codec import WeightCodec
 from engine.quant.int4_kernel import PackedLinear
-from engine.storage.tiers import DiskStore, MemoryStore, Tier, aligned_empty
+from engine.runtime import Runtime
+from engine.storage.tiers import DiskStore
 from engine.tables import Table
-
-Store = MemoryStore | DiskStore
-
-
-@dataclass
-class StoredWeight:
-    tier: str
-    store: Store
-    codec: WeightCodec
-
-
-@dataclass
-class Runtime:
-    """A loaded model: everything the schedule needs, nothing about the caller."""
-
-    cfg: ModelConfig
-    adapter: object
-    specs: list[LayerSpec]
-    weights: list[dict[str, StoredWeight]]
-    tiers: dict[str, Tier]
-    policy: Policy
-    device: torch.device
-    compute_dtype: torch.dtype
-    storage_dtype: torch.dtype
-    io: ThreadPoolExecutor | None
-    cache_quant: object | None = None
-    copy_stream: object | None = None  # a CUDA stream for weight uploads, so they overlap compute
-    # Slots of reusable buffers, alternating between consecutive layer loads: where a worker fills the
-    # next layer's while the current one is in use, two (memory.buffer_slots); else one. Fresh
-    # allocations would cost more in page faults than the copies themselves.
-    working: list[torch.Tensor] = field(default_factory=list)  # weights in compute form, on the device
-    staging: list[torch.Tensor] = field(default_factory=list)  # aligned host buffers for disk reads
-    loads: int = 0  # layer loads so far: they alternate between the slots
-    background: list[bool] = field(default_factory=list)  # per layer: whether its load has work for a worker
-    read_at_use: list[frozenset[str]] = field(default_factory=list)  # per layer: see memory.read_at_use
-
-    def reserve_buffers(self, nbytes: dict[str, int], slots: dict[str, int]) -> None:
-        """Allocate (and account on their tiers) the slots of working (gpu) and staging (cpu) buffers."""
-        pin = self.device.type == "cuda"
-        for tier, buffers in (("gpu", self.working), ("cpu", self.staging)):
-            self.tiers[tier].alloc(nbytes[tier])
-            for _ in range(slots[tier]):
-                if tier == "gpu" and self.device.type == "cuda":
-                    buffers.append(torch.empty(nbytes[tier] // slots[tier], dtype=torch.uint8, device=self.device))
-                else:
-                    buffers.append(aligned_empty(nbytes[tier] // slots[tier], pin=pin and tier == "cpu"))
-
-    def table_at_use(self, pos: int, name: str) -> bool:
-        """Whether weight `name` of layer `pos` is a table read from disk where used, by row or chunk."""
-        return name in self.specs[pos].tables and name in self.read_at_use[pos]
-
-    def submit(self, fn: Callable, *args, background: bool = True) -> Future:
-        """Run on an I/O worker when overlapping, else now; either way the caller gets a future.
-
-        Work that moves no data (`background=False`) runs now even when overlapping: handing it to a
-        worker gains nothing, and the worker's Python would contend with compute for the GIL.
-        """
-        if background and self.io is not None and self.policy.overlap:
-            return self.io.submit(fn, *args)
-        fut: Future = Future()
-        fut.set_result(fn(*args))
-        return fut
 
 
 @dataclass
@@ -136,7 +72,7 @@ def read_layer(rt: Runtime, pos: int, slot: int) -> dict[str, torch.Tensor | Dis
             out[name] = sw.store
         else:
             read = functools.partial(sw.store.read, 0, sw.codec.nbytes, out=staging[staged:])
-            out[name] = read if name in rt.read_at_use[pos] else read()
+            out[name] = read if name in rt.plans[pos].read_at_use else read()
             staged += DiskStore.staging_bytes(sw.codec.nbytes)
     return out
 
@@ -186,19 +122,17 @@ class LayerLoad:
 
     What a worker does, it does while the previous layer computes; the rest happens on the compute
     thread when the layer is needed. On a GPU a worker reads, uploads and decodes (on the copy stream).
-    On a CPU, decoding stays on the compute thread: on a worker it fought compute for the same cores
-    (4-bit OPT-1.3B at B=8 decoded 3.7x slower there). A buffered disk read on a CPU is a copy out of
-    the page cache that needs the same cores and memory bandwidth as compute, and measured no faster
-    on a worker; so the kernel is asked to fetch the bytes into its cache ahead (WILLNEED), and the
+    On a CPU, decoding stays on the compute thread: on a worker it fights compute for the same cores.
+    A buffered disk read on a CPU is a copy out of the page cache that needs the same cores and memory
+    bandwidth as compute, so a worker cannot hide it either; so the kernel is asked to fetch the bytes into its cache ahead (WILLNEED), and the
     copy runs when the layer is needed. Direct reads (DMA, no core needed) always go to a worker.
     """
 
     def __init__(self, rt: Runtime, pos: int, ready: torch.cuda.Event | None):
-        rt.loads += 1
-        self.rt, self.pos, self.slot, self.ready = rt, pos, rt.loads % 2, ready
+        self.rt, self.pos, self.slot, self.ready = rt, pos, next(rt.loads) % 2, ready
         self.decoded = rt.copy_stream is not None
         self.future: Future | None = None
-        if rt.policy.overlap and rt.background[pos] and rt.io is not None:
+        if rt.policy.overlap and rt.plans[pos].background:
             self.future = rt.io.submit(self._load)
         elif rt.policy.overlap:
             for name, sw in rt.weights[pos].items():
@@ -216,144 +150,6 @@ class LayerLoad:
     def wait(self) -> None:
         if self.future is not None:
             self.future.result()
-
-
-# -- KV cache ------------------------------------------------------------------------------------------
-
-@dataclass
-class _Segment:
-    tier: str
-    heads: tuple[int, int]
-    codec: RowCodec
-    k: Store
-    v: Store
-    device: torch.device  # where attention over this segment runs
-    dtype: torch.dtype  # its precision: fp32 on a CPU, where half precision is ~300x slower
-
-    def direct(self, rt: Runtime) -> bool:
-        """Plain in-memory rows on the attention device can be read as views, without a copy."""
-        return self.codec.quant is None and isinstance(self.k, MemoryStore) and self.k.buf.device == self.device
-
-
-class LayerCache:
-    """K and V of one decoder layer for one GPU batch, split over the tiers by KV head."""
-
-    def __init__(self, rt: Runtime, batch: int, max_len: int):
-        cfg, d = rt.cfg, rt.cfg.head_dim
-        self.rt, self.length, self.pending = rt, 0, []
-        self.segments = []
-        for tier, (h0, h1) in split_count(cfg.kv_heads, rt.policy.split("cache")).items():
-            codec = RowCodec(batch * (h1 - h0) * d, rt.storage_dtype, rt.cache_quant, vector=d)
-            size = max_len * codec.row_bytes
-            device = torch.device("cpu") if (rt.policy.cpu_cache_compute and tier != "gpu") else rt.device
-            dtype = torch.float32 if device.type == "cpu" else rt.compute_dtype
-            self.segments.append(_Segment(tier, (h0, h1), codec, rt.tiers[tier].store(size, "k"),
-                                          rt.tiers[tier].store(size, "v"), device, dtype))
-
-    def fetch(self) -> list:
-        """Read the cached rows of the segments that cannot be viewed in place (runs on a worker)."""
-        for fut in self.pending:
-            fut.result()
-        self.pending = []
-        out = []
-        for seg in self.segments:
-            if seg.direct(self.rt) or self.length == 0:
-                out.append(None)
-                continue
-            n = self.length * seg.codec.row_bytes
-            out.append(tuple(seg.codec.decode(s.read(0, n), seg.device, seg.dtype) for s in (seg.k, seg.v)))
-        return out
-
-    def attend(self, fetched: list, allowed: torch.Tensor, q, k, v, scale: float) -> torch.Tensor:
-        rt, group = self.rt, q.shape[2] // k.shape[2]
-        b, s = q.shape[:2]
-        t0, outs = self.length, []
-        for seg, old in zip(self.segments, fetched, strict=True):
-            h0, h1 = seg.heads
-            new = [x[:, :, h0:h1].permute(1, 0, 2, 3).reshape(s, -1) for x in (k, v)]  # token-major rows
-            offset, nbytes = t0 * seg.codec.row_bytes, s * seg.codec.row_bytes
-            if seg.direct(rt):
-                for store, rows in zip((seg.k, seg.v), new, strict=True):
-                    store.write(offset, seg.codec.encode(rows))
-                full = [seg.codec.decode(st.read(0, offset + nbytes), seg.device, seg.dtype)
-                        for st in (seg.k, seg.v)]
-            else:
-                encoded = [seg.codec.encode(rows) for rows in new]
-                self.pending.append(rt.submit(_write_rows, (seg.k, seg.v), offset, encoded))
-                # attention sees exactly what the cache holds: compressed rows round-trip the codec
-                new_dev = [seg.codec.decode(e, seg.device, seg.dtype) if seg.codec.quant is not None
-                           else rows.to(seg.device, seg.dtype) for e, rows in zip(encoded, new, strict=True)]
-                full = new_dev if old is None else [torch.cat(p) for p in zip(old, new_dev, strict=True)]
-            kk, vv = (x.view(t0 + s, b, h1 - h0, -1).permute(1, 0, 2, 3) for x in full)
-            qq = q[:, :, h0 * group:h1 * group].to(seg.device, seg.dtype)
-            outs.append(attention(qq, kk, vv, allowed.to(seg.device), scale).to(rt.device, q.dtype))
-        self.length = t0 + s
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-
-    def close(self) -> None:
-        for fut in self.pending:
-            fut.result()
-        for seg in self.segments:
-            seg.k.close()
-            seg.v.close()
-
-
-def _write_rows(stores, offset: int, encoded) -> None:
-    for store, data in zip(stores, encoded, strict=True):
-        store.write(offset, data)
-
-
-# -- activations -----------------------------------------------------------------------------------------
-
-class Activation:
-    """One GPU batch's hidden states between layers, split over the tiers by element."""
-
-    def __init__(self, rt: Runtime, max_elems: int):
-        self.rt, self.split = rt, rt.policy.split("act")
-        self.disk: DiskStore | None = None
-        if self.split["disk"] > 0:
-            itemsize = torch.empty((), dtype=rt.compute_dtype).element_size()
-            self.disk = rt.tiers["disk"].store(max_elems * itemsize, "act")
-        self.pieces: list = []
-        self.shape: torch.Size | None = None
-        self.held = {"gpu": 0, "cpu": 0}
-
-    def put(self, x: torch.Tensor) -> None:
-        self.shape, flat = x.shape, x.reshape(-1)
-        self.pieces = []
-        for tier, (a, b) in split_count(flat.numel(), self.split).items():
-            piece = flat[a:b]
-            if tier == "disk":
-                self.pieces.append(("disk", self.rt.submit(self.disk.write, 0, piece.view(torch.uint8)), b - a))
-                continue
-            nbytes = piece.numel() * piece.element_size()
-            self.rt.tiers[tier].alloc(nbytes)
-            self.held[tier] += nbytes
-            self.pieces.append((tier, piece.to(self.rt.tiers[tier].device), b - a))
-
-    def get(self) -> torch.Tensor:
-        parts = []
-        for tier, item, n in self.pieces:
-            if tier == "disk":
-                item.result()
-                itemsize = torch.empty((), dtype=self.rt.compute_dtype).element_size()
-                parts.append(self.disk.read(0, n * itemsize).view(self.rt.compute_dtype).to(self.rt.device))
-            else:
-                if tier == "cpu":
-                    self.rt.tiers["cpu"].count(read=n * item.element_size())
-                parts.append(item.to(self.rt.device, non_blocking=True))
-        for tier in ("gpu", "cpu"):
-            self.rt.tiers[tier].release(self.held[tier])
-            self.held[tier] = 0
-        flat = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return flat.view(self.shape)
-
-    def close(self) -> None:
-        for tier in ("gpu", "cpu"):
-            self.rt.tiers[tier].release(self.held[tier])
-            self.held[tier] = 0
-        if self.disk is not None:
-            self.disk.close()
 
 
 # -- the block ---------------------------------------------------------------------------------------------

@@ -7,10 +7,9 @@ a `Table` decodes only what it is asked for, at most `CHUNK_ELEMS` values at a t
 buffer. A table left on the disk tier is read the same way: a lookup reads only its rows (a few KB
 per token where reading the table took 100s of MB per pass), an LM head a chunk at a time.
 
-(Decoding every quantized weight this way, a cache-sized chunk right before its matmul, was measured
-on a CPU too, and lost to decoding each weight whole into a reused working buffer: 1.86 against
-1.68 s per decode step of OPT-1.3B at batch 8, 3.71 against 2.66 s at batch 64, as the smaller
-matmuls run less efficiently.)
+Other weights are not decoded this way: chunked decoding inside every matmul lost to decoding each
+weight whole into a reused working buffer, because the smaller matmuls run less efficiently
+(docs/measurements.md, "Compression throughput").
 """
 
 from __future__ import annotations

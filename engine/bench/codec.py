@@ -120,7 +120,7 @@ def bench_fused(shape: tuple[int, int], rows: list[int], warmup: int, repeats: i
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(description=__doc__)
+    parser = ArgumentParser(prog="python -m engine.bench.codec", description=__doc__)
     parser.add_argument("--shape", default="2048x8192", help="weight shape, out x in (default %(default)s)")
     parser.add_argument("--specs", default="4/64,3/64,2/64,8/64", help="bits/group pairs (default %(default)s)")
     parser.add_argument("--devices", help="cpu and/or cuda, comma-separated (default: cpu, and cuda if any)")

@@ -22,7 +22,7 @@ from engine.errors import UserError, cli_main
 from engine.flags import ArgumentParser
 from engine.policy import Policy
 
-DEFAULT_TEXTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "helm-scenarios" / "gsm" / "gsm_data_test"
+DEFAULT_TEXTS = Path(__file__).resolve().parents[3] / "shared" / "data" / "helm-scenarios" / "gsm" / "gsm_data_test"
 
 
 @dataclasses.dataclass(frozen=True)

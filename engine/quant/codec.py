@@ -11,15 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.quant.groupwise import (
-    decode_columns,
-    decode_rows,
-    decode_weight,
-    encode_rows,
-    encode_weight,
-    row_nbytes,
-    weight_nbytes,
-)
+from engine.quant import groupwise
+from engine.quant.groupwise import QuantSpec
 from engine.quant.int4_kernel import decode, to_kernel
 
 
@@ -37,7 +30,7 @@ class RowCodec:
 
     row_elems: int
     storage: torch.dtype
-    quant: object | None = None  # engine.quant.groupwise.QuantSpec
+    quant: QuantSpec | None = None
     vector: int = 0  # 0: the whole row
 
     @property
@@ -49,14 +42,14 @@ class RowCodec:
         if self.quant is None:
             return self.row_elems * _elem_bytes(self.storage)
 
-        return self.row_elems // self._vec * row_nbytes(self._vec, self.quant)
+        return self.row_elems // self._vec * groupwise.row_nbytes(self._vec, self.quant)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(n, row_elems) -> uint8 (n, row_bytes)."""
         if self.quant is None:
             return x.to(self.storage).contiguous().view(torch.uint8)
 
-        return encode_rows(x.reshape(x.shape[0], -1, self._vec), self.quant).reshape(x.shape[0], -1)
+        return groupwise.encode_rows(x.reshape(x.shape[0], -1, self._vec), self.quant).reshape(x.shape[0], -1)
 
     def decode(self, data: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """uint8 (n * row_bytes,) -> (n, row_elems) on `device` in `dtype`; a view when nothing changes."""
@@ -65,7 +58,7 @@ class RowCodec:
             return rows.view(self.storage).to(device=device, dtype=dtype, non_blocking=True)
 
         vectors = rows.to(device, non_blocking=True).view(rows.shape[0], self.row_elems // self._vec, -1)
-        return decode_rows(vectors, self._vec, self.quant, dtype).reshape(rows.shape[0], self.row_elems)
+        return groupwise.decode_rows(vectors, self._vec, self.quant, dtype).reshape(rows.shape[0], self.row_elems)
 
 
 @dataclass(frozen=True)
@@ -78,7 +71,7 @@ class WeightCodec:
 
     shape: tuple[int, ...]
     storage: torch.dtype
-    quant: object | None = None
+    quant: QuantSpec | None = None
     dim: int = 0
     fused: bool = False
 
@@ -87,13 +80,13 @@ class WeightCodec:
         if self.quant is None:
             return math.prod(self.shape) * _elem_bytes(self.storage)
 
-        return weight_nbytes(self.shape, self.quant, self.dim)
+        return groupwise.weight_nbytes(self.shape, self.quant, self.dim)
 
     def encode(self, w: torch.Tensor) -> torch.Tensor:
         if self.quant is None:
             return w.to(self.storage).contiguous().reshape(-1).view(torch.uint8)
 
-        data = encode_weight(w, self.quant, self.dim)
+        data = groupwise.encode_weight(w, self.quant, self.dim)
         if self.fused:
             return to_kernel(data.view(self.shape[0], -1), self.shape, self.quant)
         return data
@@ -119,13 +112,13 @@ class WeightCodec:
             values = stored.view(self.storage).view(-1, width)
             return values.to(dtype) if out is None else out.copy_(values)
 
-        return decode_rows(stored, width, self.quant, dtype, out)
+        return groupwise.decode_rows(stored, width, self.quant, dtype, out)
 
     def decode_columns(self, data: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Stored columns `index` of a quantized weight, as rows (len(index), stored rows): a lookup in a
         weight stored transposed, decoding only the groups that hold the columns asked for."""
         rows, width = self.stored_rows
-        return decode_columns(data.view(rows, -1), width, self.quant, dtype, index.to(data.device))
+        return groupwise.decode_columns(data.view(rows, -1), width, self.quant, dtype, index.to(data.device))
 
     def in_place(self, data_device: torch.device, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether stored bytes on `data_device` can be used as the compute tensor without a copy."""
@@ -162,4 +155,4 @@ class WeightCodec:
         if self.fused:
             return decode(data, self.shape, self.quant, dtype, out)
 
-        return decode_weight(data.to(device, non_blocking=True), self.shape, self.quant, self.dim, dtype, out)
+        return groupwise.decode_weight(data.to(device, non_blocking=True), self.shape, self.quant, self.dim, dtype, out)

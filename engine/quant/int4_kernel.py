@@ -2,8 +2,8 @@
 
 Decoding a 4-bit weight to fp32 and then multiplying costs a CPU two passes over 4 bytes per value;
 in a decode step (a few rows) both are bound by memory bandwidth. `torch._weight_int4pack_mm_for_cpu`
-(the kernel behind gpt-fast's int4 on CPU) reads the packed half byte per value once instead: on
-this machine, 5.3 ms against 23 ms for decode + GEMM of an (8 x 8192) @ (8192 x 2048) product. It
+(the kernel behind gpt-fast's int4 on CPU) reads the packed half byte per value once instead, several
+times faster at decode shapes (`python -m engine.bench.codec --fused`; docs/measurements.md). It
 wants groups along the input dimension (`comp_weight_dim=1`), 4 bits, groups of 32 to 256, and bf16
 activations; it returns bf16 outputs, so its results differ from the fp32 path by bf16 rounding
 (about 2^-9 relative), well inside the 4-bit quantization error. Large products (prefill) gain nothing from it,
@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from engine.quant.groupwise import QuantSpec, row_blocks, row_nbytes, scratch_tensors
 
 KERNEL_GROUPS = (32, 64, 128, 256)
-# Rows up to which the fused kernel beats decoding once and an fp32 GEMM. A 2048x8192 weight on the
-# 2 cores here: 1.19x faster at 48 rows, 0.93x at 64, 0.48x at 256 (`engine.bench.codec --fused`).
+# Rows up to which the fused kernel beats decoding once and an fp32 GEMM: past about this many rows the
+# GEMM's reuse of each decoded value wins (`python -m engine.bench.codec --fused` measures the crossover).
 FUSED_MAX_ROWS = 48
 _OPS = torch.ops.aten
 

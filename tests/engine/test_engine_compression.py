@@ -36,7 +36,7 @@ def _weights_and_reads(policy: Policy, tmp_path) -> tuple[int, int, int]:
     with Engine.load("opt-125m", weights="dummy", policy=disk, offload_dir=tmp_path) as eng:
         stored = eng.rt.tiers["disk"].used
         by_row = sum(sw.codec.nbytes for pos, spec in enumerate(eng.rt.specs) for n, sw in eng.rt.weights[pos].items()
-                     if spec.kind == "embed" and n in eng.rt.read_at_use[pos])
+                     if spec.kind == "embed" and n in eng.rt.plans[pos].read_at_use)
         eng.generate([[5] * 16], max_new_tokens=3)
         return stored, eng.stats.bytes_read["disk"], by_row
 

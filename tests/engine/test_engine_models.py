@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
+import json
+import shutil
 
 import pytest
 import torch
@@ -50,11 +51,14 @@ def test_smollm2_matches_hf_text_and_stop_strings(smollm2, hf_model):
         assert got.text == tok.decode(out.token_ids)[:tok.decode(out.token_ids).find(stop)]
 
 
-def test_eos_is_the_last_token_and_left_out_of_text(tiny_models):
-    eng = Engine.load(tiny_models["opt"])
-    free = eng.generate(MIXED, max_new_tokens=4)
-    eng.rt.cfg = dataclasses.replace(eng.rt.cfg, eos_token_id=(free[0].token_ids[0],))
-    outs = eng.generate(MIXED, max_new_tokens=4)
+def test_eos_is_the_last_token_and_left_out_of_text(tiny_models, tmp_path):
+    with Engine.load(tiny_models["opt"]) as eng:
+        free = eng.generate(MIXED, max_new_tokens=4)
+    folder = tmp_path / "eos"
+    shutil.copytree(tiny_models["opt"], folder)  # the generation config's EOS ids are the ones generate stops on
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": free[0].token_ids[0]}))
+    with Engine.load(folder) as eng:
+        outs = eng.generate(MIXED, max_new_tokens=4)
     assert outs[0].finish_reason == "eos" and outs[0].token_ids == free[0].token_ids[:1]
     for before, after in zip(free[1:], outs[1:], strict=True):  # other rows run on, cut at their own EOS
         n = len(after.token_ids)
