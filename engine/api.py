@@ -26,6 +26,29 @@ from engine.storage.tiers import make_tiers
 from engine.weights import load_tokenizer, resolve, stream_dummy, stream_folder
 
 
+def compute_device(name: str | torch.device | None) -> torch.device:
+    """The device as its tensors report it ("cuda:0", "cpu"), so that placement checks compare equal.
+
+    `torch.device("cuda") != torch.device("cuda:0")`, yet every CUDA tensor reports an index and
+    every CPU tensor none; a device kept as the user spelled it makes data already in place look
+    elsewhere, and buffers sized from the two spellings disagree.
+    """
+    try:
+        dev = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use cpu or cuda[:N]") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise UserError(f"device {name!r} is not supported; use cpu or cuda[:N]")
+    if not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but no CUDA GPU is available; leave --device unset")
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    if index >= torch.cuda.device_count():
+        raise UserError(f"device {name!r}: there are only {torch.cuda.device_count()} CUDA devices")
+    return torch.device("cuda", index)
+
+
 def _dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name is None:
         return torch.float16 if device.type == "cuda" else torch.float32
@@ -77,9 +100,7 @@ class Engine:
         """Place `model` (a named config or a HF checkpoint folder) and stream its weights in."""
         policy = policy or Policy()
         cfg, folder = resolve(model, weights)
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"device {device!r} requested but no CUDA GPU is available; leave --device unset")
+        dev = compute_device(device)
         if policy.threads:
             torch.set_num_threads(policy.threads)
         compute, storage = _dtype(policy.compute_dtype, dev), _dtype(policy.storage_dtype or policy.compute_dtype, dev)

@@ -124,8 +124,9 @@ class LayerLoad:
     thread when the layer is needed. On a GPU a worker reads, uploads and decodes (on the copy stream).
     On a CPU, decoding stays on the compute thread: on a worker it fights compute for the same cores.
     A buffered disk read on a CPU is a copy out of the page cache that needs the same cores and memory
-    bandwidth as compute, so a worker cannot hide it either; so the kernel is asked to fetch the bytes into its cache ahead (WILLNEED), and the
-    copy runs when the layer is needed. Direct reads (DMA, no core needed) always go to a worker.
+    bandwidth as compute, so a worker cannot hide it either: the kernel is asked to fetch the bytes into
+    its cache ahead (WILLNEED), and the copy runs when the layer is needed. Direct reads (DMA, no core
+    needed) always go to a worker.
     """
 
     def __init__(self, rt: Runtime, pos: int, ready: torch.cuda.Event | None):
