@@ -29,7 +29,7 @@ from scipy import stats
 
 from engine.errors import UserError, cli_main
 from engine.flags import ArgumentParser
-from harness.report.runs import UNCOMPRESSED, changed_rate, load_report, pair_runs, paired_instances
+from harness.report.runs import changed_rate, compression_variants, load_report, pair_runs, paired_instances
 
 DEFAULT_MAX_DROP = 5.0  # points
 DEFAULT_MAX_CHANGED = 0.60  # 4-bit SmolLM2-135M changes 22-46% of MMLU answers, 2-bit 100%
@@ -88,13 +88,14 @@ def _split_variants(candidate: Path, baseline: Path | None) -> tuple[pd.DataFram
     """(baseline runs, candidate runs, baseline root) following the usage rules in the module doc."""
     cand = load_report(candidate)
     if baseline is None:
-        if not ((cand["compression"] == UNCOMPRESSED).any() and (cand["compression"] != UNCOMPRESSED).any()):
+        plain, compressed = compression_variants(cand)
+        if plain.empty or compressed.empty:
             raise UserError(f"{candidate} holds no uncompressed and compressed variant pair; pass --baseline "
                             "DIR, or a candidate made with harness.run --compare-compression")
-        return cand[cand["compression"] == UNCOMPRESSED], cand[cand["compression"] != UNCOMPRESSED], candidate
+        return plain, compressed, candidate
     base = load_report(baseline)
     if base["compression"].nunique() > 1:
-        base = base[base["compression"] == UNCOMPRESSED]
+        base = compression_variants(base)[0]
     return base, cand, baseline
 
 

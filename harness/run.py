@@ -23,11 +23,12 @@ from engine.errors import UserError, cli_main
 from engine.flags import ArgumentParser, add_policy_args, resolve_policy
 from engine.policy import Policy
 from harness.files import write_json_atomic
-from harness.helm.deployment import EngineSpec, register_helm_configs, write_local_config
+from harness.helm.deployment import EngineSpec, ModelFacts, register_helm_configs, write_local_config
 from harness.helm.engine_pool import engine_for, model_facts, release
-from harness.manifest import build_manifest
+from harness.manifest import build_manifest, run_settings
+from harness.output import default_output, prepare_output
 from harness.report.runs import write_report
-from harness.report.summary import run_row, summary_table
+from harness.report.summary import summary_table
 from scenarios.nltk_fallback import ensure_punkt_tab
 from scenarios.offline import link_data_dir
 
@@ -36,22 +37,24 @@ if TYPE_CHECKING:  # HELM is imported after the offline variables are set
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 DEFAULT_MODEL = "smollm2-135m"
-RESULTS_DIR = Path("results")
 AUTO_PROMPT_LEN, AUTO_GEN_LEN = 512, 32  # the FlexGen paper's HELM block shape
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m harness.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--suite", help="suite name (smoke, helm-lite, flexgen-paper) or a run-entry conf path")
-    p.add_argument("--run-entries", nargs="+", default=[], metavar="ENTRY",
+    p.add_argument("--run-entries", nargs="+", metavar="ENTRY",
                    help="HELM run entries, e.g. 'mmlu:subject=anatomy' (model=text or none: runs on --model)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="named config or HF checkpoint folder")
     p.add_argument("--weights", choices=["dummy"], help="seeded random weights instead of a checkpoint")
     p.add_argument("--max-eval-instances", type=int, help="evaluation instances per run (default: HELM's)")
     p.add_argument("--num-train-trials", type=int, help="in-context example draws per run (default: HELM's)")
     p.add_argument("--data-dir", help="read-only folder in HELM's scenario-cache layout (linked, never written)")
-    p.add_argument("--output", help="output folder (default: results/<suite>/<model>-<compression>-<hash>)")
+    p.add_argument("--output", help="output folder (default: results/<suite>/<model>-<compression>-n<instances>-"
+                                    "<hash of the settings that change results>)")
     p.add_argument("--resume", action="store_true", help="skip HELM runs that finished in --output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete --output first when it holds runs of other settings (else that is refused)")
     p.add_argument("--compare-compression", action="store_true",
                    help="run the suite uncompressed and compressed (the --compress flags, default 4-bit weights "
                         "and cache) into OUTPUT/none and OUTPUT/<label>, then report both")
@@ -93,28 +96,36 @@ def main(argv: list[str] | None = None) -> int:
 
     from harness.suites import load_run_entries
 
-    suite, entries = load_run_entries(args.suite, args.run_entries)
+    suite, entries = load_run_entries(args.suite, args.run_entries or [])
     policy = resolve_policy(args, prompt_len=AUTO_PROMPT_LEN, gen_len=AUTO_GEN_LEN)
     variants = _variants(policy, args.compare_compression)
     specs = [EngineSpec.create(args.model, args.weights, p, seed=0, gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem,
                                offload_dir=args.offload_dir) for p in variants]
+    facts = model_facts(specs[0])  # an unknown model or a missing tokenizer fails here, before any folder exists
+    descriptions = [e.description for e in entries]
+    settings = [run_settings(s, suite, descriptions, args.max_eval_instances, args.num_train_trials) for s in specs]
     label = "compare" if args.compare_compression else policy.compression_label()
-    output = Path(args.output or RESULTS_DIR / suite / f"{specs[0].slug}-{label}-{specs[-1].config_hash()}")
+    output = Path(args.output) if args.output else default_output(suite, specs[0].slug, label, settings)
+    folders = [output / v.compression_label() if args.compare_compression else output for v in variants]
+    prepare_output(output, dict(zip(folders, settings, strict=True)), args.overwrite)
     code = 0
-    for spec, variant in zip(specs, variants, strict=True):
-        folder = output / variant.compression_label() if args.compare_compression else output
-        folder.mkdir(parents=True, exist_ok=True)
+    for spec, folder, setting in zip(specs, folders, settings, strict=True):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create the --output folder {folder}: {err.strerror}; pass another --output") \
+                from None
         _route_helm_logs(folder / "helm.log")
-        code = max(code, run_suite(spec, suite, entries, folder, args))
+        code = max(code, run_suite(spec, facts, setting, entries, folder, args))
         release(spec)  # the next variant loads its own engine
     if any(output.glob("**/runs/*/*/run_spec.json")):  # nothing to report when every entry was skipped
-
         write_report(output)
         print(f"report: {output / 'report.md'}", flush=True)
     return code
 
 
-def run_suite(spec: EngineSpec, suite: str, entries: list[RunEntry], output: Path, args: argparse.Namespace) -> int:
+def run_suite(spec: EngineSpec, facts: ModelFacts, settings: dict, entries: list[RunEntry], output: Path,
+              args: argparse.Namespace) -> int:
     """Prepare the output folder, plan the runs, run them on one engine, print the summary; exit code."""
     from helm.benchmark.executor import ExecutionSpec
     from helm.benchmark.runner import set_benchmark_output_path
@@ -124,15 +135,15 @@ def run_suite(spec: EngineSpec, suite: str, entries: list[RunEntry], output: Pat
     from harness.helm.runner import EngineRunner
     from harness.plan import plan_runs
 
+    suite = settings["suite"]
     scenarios_dir = output / "scenarios"
     linked = link_data_dir(args.data_dir, scenarios_dir)
     punkt = ensure_punkt_tab(output / "nltk_data")
-    config_dir = output / "helm_config"
-    write_local_config(config_dir, spec, model_facts(spec))
-    write_json_atomic(output / "manifest.json", build_manifest(spec, suite, {
+    write_json_atomic(output / "manifest.json", build_manifest(spec, settings, {
         "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None, "linked_scenarios": linked,
-        "punkt_tab": punkt, "max_eval_instances": args.max_eval_instances,
-        "num_train_trials": args.num_train_trials, "run_entries": [e.description for e in entries]}))
+        "punkt_tab": punkt}))
+    config_dir = output / "helm_config"
+    write_local_config(config_dir, spec, facts)
 
     register_helm_configs(config_dir)
     set_benchmark_output_path(str(output))
@@ -157,13 +168,8 @@ def run_suite(spec: EngineSpec, suite: str, entries: list[RunEntry], output: Pat
     else:
         outcomes = {}
 
-    rows = []
-    for run_spec in run_specs:
-        outcome = outcomes.get(run_spec.name, "not run")
-        run_dir = output / "runs" / suite / run_spec.name
-        row = run_row(str(run_dir)) if outcome.startswith("done") else {"run": run_spec.name}
-        rows.append({**row, "status": outcome})
-    print("\n" + summary_table(rows, [(s.entry, s.reason) for s in skipped]), flush=True)
+    statuses = [(s.name, outcomes.get(s.name, "not run")) for s in run_specs]
+    print("\n" + summary_table(output, suite, statuses, [(s.entry, s.reason) for s in skipped]), flush=True)
     failed = [n for n, o in outcomes.items() if o.startswith("failed")]
     if failed:
         print(f"{len(failed)} run(s) failed; details in {output / 'helm.log'}", file=sys.stderr)

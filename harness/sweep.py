@@ -29,7 +29,6 @@ def device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}"
 
 
-
 def measure(model: str, weights: str | None, policy: Policy, prompt_len: int, gen_len: int,
             load_kwargs: dict, seed: int = 0) -> dict:
     """Load the engine with `policy`, generate one full block of random prompts, return its figures."""
@@ -85,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="'dummy' for seeded random weights, 'checkpoint' to load the model's own")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32],
                         help="effective batch sizes (gpu batch size x num gpu batches)")
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--gen-len", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=128, help="tokens per random prompt")
+    parser.add_argument("--gen-len", type=int, default=32, help="tokens generated per prompt")
     parser.add_argument("--output", type=Path, default=Path("results/sweep/sweep.csv"),
                         help="CSV to add the rows to; the plot goes next to it as .png")
     add_policy_args(parser)

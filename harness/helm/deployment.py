@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from engine.policy import Policy
+from engine.policy import PERCENT_FIELDS, Policy
 from harness.files import write_text_atomic
 
 ORG = "flexhelm"
 CLIENT_CLASS = "harness.helm.client.EngineClient"
 TOKENIZER_CLASS = "harness.helm.tokenizer.EngineTokenizer"
+# Policy fields that change no output bit: where tensors live and how their I/O runs (placements are
+# proven exact in tests/harness/test_harness_units.py). Batching is left out too, though it is not
+# exact: a row's last bits depend on which rows share its block (their padding), which no key can
+# name, so a key on the block size would make cache hits rarer without making them exact.
+OUTPUT_NEUTRAL = (*PERCENT_FIELDS, "overlap", "pin_weight", "direct_io", "gpu_batch_size", "num_gpu_batches")
 
 
 @dataclass(frozen=True)
@@ -60,28 +64,17 @@ class EngineSpec:
     def to_args(self) -> dict:
         return dataclasses.asdict(self)
 
-    def output_identity(self) -> dict:
-        """What changes a generated output (not placement or batching): for cache keys."""
-        p = self.policy_obj
-        return {
-            "model": self.model, "model_files": _checkpoint_fingerprint(self.model),
-            "weights": self.weights, "compute_dtype": p.compute_dtype, "storage_dtype": p.storage_dtype,
-            "compression": p.compression_label(),
-            "compression_params": [p.comp_weight_bits, p.comp_weight_group, p.comp_weight_dim,
-                                   p.comp_cache_bits, p.comp_cache_group],
-            # bf16 activations in the fused int4 kernel (engine.quant.int4_kernel) change outputs slightly
-            "fused_int4": p.compress_weight and p.comp_weight_dim == 1 and p.fused_int4,
-            "seed": self.seed,
-        }
-
-    def config_hash(self) -> str:
-        """Short hash of the model and the whole policy, for default output folder names."""
-        blob = json.dumps({"engine": self.to_args(), "files": _checkpoint_fingerprint(self.model)},
-                          sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:8]
+    def output_identity(self, device_type: str, compute_dtype: str, storage_dtype: str) -> dict:
+        """What can change a generated output, for request-cache keys: the model and its files, the seed,
+        the device type with the dtypes the engine resolved on it (fp32 on a CPU, fp16 on a GPU when the
+        policy names none), and every policy field except OUTPUT_NEUTRAL ones."""
+        numerics = {k: v for k, v in self.policy_obj.to_dict().items() if k not in OUTPUT_NEUTRAL}
+        numerics.update(compute_dtype=compute_dtype, storage_dtype=storage_dtype)
+        return {"model": self.model, "model_files": checkpoint_fingerprint(self.model), "weights": self.weights,
+                "seed": self.seed, "device": device_type, "policy": numerics}
 
 
-def _checkpoint_fingerprint(model: str) -> str | None:
+def checkpoint_fingerprint(model: str) -> str | None:
     """Hash of a checkpoint folder's config.json, so a replaced checkpoint never hits old cache entries."""
     config = Path(model) / "config.json"
     if not config.is_file():

@@ -29,6 +29,13 @@ def engine_for(spec: EngineSpec) -> Engine:
         return _engines[key]
 
 
+def output_identity(spec: EngineSpec, engine: Engine) -> dict:
+    """The request-cache identity of `spec`, with the device and dtypes `engine` resolved when it loaded
+    (so a CPU run and a GPU run sharing an output folder never answer each other's requests)."""
+    rt = engine.rt
+    return spec.output_identity(rt.device.type, str(rt.compute_dtype), str(rt.storage_dtype))
+
+
 def release(spec: EngineSpec) -> None:
     """Close and forget the engine of `spec` (its offload files go with it)."""
     with _lock:

@@ -4,11 +4,17 @@ HELM's stock Executor sends requests one at a time from a thread pool. This one 
 request states at once, answers repeats from the request cache, plans engine calls (same
 generation parameters, bucketed by prompt length, `policy.block_size` rows each) and fills every
 `RequestResult` with real logprobs, `batch_size` and `batch_request_time`.
+
+Testing hook: with FLEXHELM_TEST_KILL_AFTER_CALLS=N in the environment, the process kills itself
+with SIGKILL right after its N-th engine call is committed to the request cache, exactly as a
+`kill -9` at that point would; tests of `--resume` use it instead of racing a timer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 
 from helm.benchmark.adaptation.scenario_state import ScenarioState
 from helm.benchmark.executor import ExecutionSpec, Executor
@@ -18,8 +24,10 @@ from tqdm import tqdm
 from harness.batching import GenerationParams, plan_engine_calls
 from harness.generation import CallStats, TokenTexts, run_engine_call
 from harness.helm.deployment import spec_of_deployment
-from harness.helm.engine_pool import engine_for
+from harness.helm.engine_pool import engine_for, output_identity
 from harness.helm.request_cache import RequestCache, request_key
+
+KILL_AFTER_CALLS_ENV = "FLEXHELM_TEST_KILL_AFTER_CALLS"
 
 
 class ZeroInstancesError(RuntimeError):
@@ -32,6 +40,8 @@ class EngineExecutor(Executor):
         self.cache = cache
         self.last_run: dict = {}  # figures of the last execute(), for engine_stats.json
         self._texts: dict[int, TokenTexts] = {}
+        self._kill_after = int(os.environ.get(KILL_AFTER_CALLS_ENV, 0))
+        self._committed_calls = 0
 
     def _token_texts(self, engine) -> TokenTexts:
         texts = self._texts.get(id(engine))
@@ -51,7 +61,7 @@ class EngineExecutor(Executor):
         spec = spec_of_deployment(deployments.pop())
         engine = engine_for(spec)
         texts = self._token_texts(engine)
-        identity = spec.output_identity()
+        identity = output_identity(spec, engine)
 
         keys = [request_key(identity, s.request) for s in states]
         results = [self.cache.get(k) for k in keys]
@@ -66,6 +76,9 @@ class EngineExecutor(Executor):
                 call_results, stats = run_engine_call(
                     engine, texts, [states[i].request for i in rows], spec.seed, [prompt_ids[i] for i in rows])
                 self.cache.put_many([(keys[i], r) for i, r in zip(rows, call_results, strict=True)])
+                self._committed_calls += 1
+                if self._committed_calls == self._kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
                 for i, r in zip(rows, call_results, strict=True):
                     results[i] = r
                 total.merge(stats)

@@ -2,8 +2,9 @@
 
 SQLite gives atomic commits (a `kill -9` loses at most the block in flight) and safe access from
 HELM's worker threads. The key covers everything that changes an output: the HELM request and the
-engine's output identity (model, weights, dtypes, compression, seed). Each row counts how often
-its request was computed, so tests can prove nothing ran twice.
+engine's output identity (`EngineSpec.output_identity`: model, weights, seed, device type, the
+effective dtypes, compression and every other policy field that can change numerics). Each row
+counts how often its request was computed, so tests can prove nothing ran twice.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ REQUEST_CACHE_FILE = "request_cache.sqlite"
 
 
 def request_key(identity: dict, request: Request) -> str:
+    """The cache key of `request` on an engine of output `identity`."""
     blob = json.dumps({"engine": identity, "request": dataclasses.asdict(request)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 

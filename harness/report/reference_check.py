@@ -57,12 +57,10 @@ def compare_run(run_dir: Path, model, tokenizer) -> tuple[int, int]:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m harness.report.reference_check",
-                                     description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m harness.report.reference_check", description=__doc__.split("\n")[0])
     parser.add_argument("output", help="a harness.run output folder")
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
 
     output = Path(args.output)
     manifest_path = output / "manifest.json"

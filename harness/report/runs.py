@@ -18,6 +18,9 @@ compression label comes from V/manifest.json (or from a run's engine_stats.json 
 key, which wins). `--compare-compression` writes one complete output per setting:
 `O/none/` and `O/<label>/` (e.g. `O/w4c4/`), each with its own manifest.json and runs/.
 Runs of different variants are paired by their run entry: the run name without `model=`.
+A run that no flexhelm manifest describes (no V/manifest.json, or a suite other than the
+manifest's: a stock `helm-run -o V --suite stock`) is labelled `stock HELM`, with HELM's model
+deployment as its model, and is never paired as a compression variant.
 
 Writes `O/report.csv`, `O/report.md`, `O/throughput.png`; with an uncompressed and a
 compressed variant also `O/compression.csv` and `O/accuracy_compression.png`.
@@ -42,6 +45,9 @@ from engine.markdown import markdown_table
 from engine.policy import TIERS, Policy
 
 UNCOMPRESSED = "none"
+STOCK_HELM = "stock HELM"  # the compression label of runs no flexhelm manifest describes
+EVAL_INSTANCES_NOTE = ("eval_instances: the instances HELM scored for the headline metric on its split "
+                       "(each instance once, whatever its train trials)")
 # The HELM schemas that name each run group's main metric (environment.main_name / main_split).
 _SCHEMAS = ("schema_lite.yaml", "schema_classic.yaml", "schema_mmlu.yaml")
 
@@ -73,7 +79,10 @@ def _main_metrics_by_group() -> dict[str, tuple[str, str]]:
 
 
 def main_metric(run_spec: dict, stats: list[dict]) -> tuple[str, str]:
-    """(metric, split) HELM headlines for this run: its group's schema entry, else the first metric."""
+    """(metric, split) HELM headlines for this run: its group's schema entry, else the first metric.
+
+    The one place the headline is chosen: report.md, harness.regress and the console summary of
+    `harness.run` all read it from `run_row`, so they never disagree."""
     names = {(s["name"]["name"], s["name"].get("split")) for s in stats if s.get("count")}
     schema = _main_metrics_by_group()
     candidates = [schema[g] for g in run_spec.get("groups", []) if g in schema]
@@ -109,6 +118,11 @@ def instance_values(run_dir: Path, metric: str, split: str) -> pd.Series:
     return pd.Series(values, dtype=float, name=metric)
 
 
+def eval_instances(values: pd.Series) -> int:
+    """How many distinct instances `instance_values` holds (trials and perturbations of one count once)."""
+    return len({key.partition("#")[0] for key in values.index})
+
+
 def predictions(run_dir: Path) -> pd.Series:
     """Each instance's prediction: its generated texts, or for likelihood scoring the best reference."""
     states = (_read_json(run_dir / "scenario_state.json") or {}).get("request_states", [])
@@ -129,7 +143,7 @@ def predictions(run_dir: Path) -> pd.Series:
     return pd.Series(out, dtype=object, name="prediction")
 
 
-def _entry(run_name: str) -> str:
+def entry_of(run_name: str) -> str:
     """Run entry without the model, so the same entry pairs up across variants."""
     scenario, _, args = run_name.partition(":")
     kept = [a for a in args.split(",") if a and not a.startswith(("model=", "model_deployment="))]
@@ -143,14 +157,22 @@ def _stat_mean(stats: list[dict], metric: str, split: str) -> float:
     return math.nan
 
 
-def run_row(run_dir: Path, manifest: dict, variant: str, output_dir: Path) -> dict:
-    """One report row from a HELM run folder, its engine_stats.json and the variant's manifest."""
+def run_row(run_dir: Path, manifest: dict | None, variant: str, output_dir: Path) -> dict:
+    """One report row from a HELM run folder, its engine_stats.json and the variant's manifest
+    (None for a stock HELM run, which no flexhelm manifest describes)."""
     run_spec = _read_json(run_dir / "run_spec.json")
     stats = _read_json(run_dir / "stats.json") or []
     engine = _read_json(run_dir / "engine_stats.json") or {}
     metric, split = main_metric(run_spec, stats)
     values = instance_values(run_dir, metric, split)
     n = len(values)
+    adapter = run_spec["adapter_spec"]
+    if manifest is None:
+        model, policy, compression = adapter.get("model_deployment") or adapter.get("model"), "", STOCK_HELM
+    else:
+        model = manifest.get("model") or adapter.get("model")
+        policy = Policy(**manifest["policy"]).label() if manifest.get("policy") else ""
+        compression = engine.get("compression") or manifest.get("compression") or UNCOMPRESSED
     gen = engine.get("generated_tokens", math.nan)
     padded = engine.get("padded_prompt_tokens") or math.nan
     seconds = engine.get("prefill_s", math.nan) + engine.get("decode_s", math.nan)
@@ -159,13 +181,13 @@ def run_row(run_dir: Path, manifest: dict, variant: str, output_dir: Path) -> di
         "path": str(run_dir.relative_to(output_dir)),
         "suite": run_dir.parent.name,
         "run": run_spec["name"],
-        "entry": _entry(run_spec["name"]),
+        "entry": entry_of(run_spec["name"]),
         "scenario": run_spec["name"].split(":")[0],
-        "method": run_spec["adapter_spec"].get("method", ""),
-        "model": manifest.get("model") or run_spec["adapter_spec"].get("model"),
-        "policy": Policy(**manifest["policy"]).label() if manifest.get("policy") else "",
-        "compression": engine.get("compression") or manifest.get("compression") or UNCOMPRESSED,
-        "instances": n,
+        "method": adapter.get("method", ""),
+        "model": model,
+        "policy": policy,
+        "compression": compression,
+        "eval_instances": eval_instances(values),
         "metric": metric,
         "split": split,
         "value": _stat_mean(stats, metric, split),
@@ -181,6 +203,7 @@ def run_row(run_dir: Path, manifest: dict, variant: str, output_dir: Path) -> di
         "prompt_tokens_per_s": engine.get("prompt_tokens", math.nan) / engine["prefill_s"]
         if engine.get("prefill_s") else math.nan,
         "effective_batch": engine.get("mean_batch_size", _stat_mean(stats, "batch_size", split)),
+        "cached_requests": engine.get("cached_requests", math.nan),
     }
     for tier in TIERS:
         row[f"peak_{tier}_bytes"] = (engine.get("peak_bytes") or {}).get(tier, math.nan)
@@ -214,12 +237,20 @@ def load_report(output_dir: str | Path) -> pd.DataFrame:
     output_dir = Path(output_dir)
     rows = []
     for variant, folder in find_variants(output_dir).items():
-        manifest = _read_json(folder / "manifest.json") or {}
-        rows += [run_row(run_dir, manifest, variant, output_dir) for run_dir in run_dirs(folder)]
+        manifest = _read_json(folder / "manifest.json")
+        for run_dir in run_dirs(folder):
+            ours = manifest is not None and manifest.get("suite") == run_dir.parent.name
+            rows.append(run_row(run_dir, manifest if ours else None, variant, output_dir))
     if not rows:
         raise UserError(f"{output_dir} holds no finished HELM runs (no stats.json); "
                         "finish the run with --resume")
     return pd.DataFrame(rows)
+
+
+def compression_variants(report: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(uncompressed runs, compressed runs) of a report; stock HELM runs belong to neither."""
+    ours = report[report["compression"] != STOCK_HELM]
+    return ours[ours["compression"] == UNCOMPRESSED], ours[ours["compression"] != UNCOMPRESSED]
 
 
 def pair_runs(base: pd.DataFrame, cand: pd.DataFrame) -> pd.DataFrame:
@@ -250,16 +281,16 @@ def _peak_total(row: pd.Series, suffix: str) -> float:
 def compression_table(output_dir: str | Path, report: pd.DataFrame) -> pd.DataFrame:
     """Each compressed variant against the uncompressed one: metric delta, changed predictions, ratios."""
     output_dir = Path(output_dir)
-    base = report[report["compression"] == UNCOMPRESSED]
+    base, compressed = compression_variants(report)
     rows = []
-    for label, cand in report[report["compression"] != UNCOMPRESSED].groupby("compression"):
+    for label, cand in compressed.groupby("compression"):
         for _, p in pair_runs(base, cand).iterrows():
             inst = paired_instances(output_dir / p["path_base"], output_dir / p["path_cand"],
                                     p["metric_base"], p["split_base"])
             rows.append({
                 "suite": p["suite"], "entry": p["entry"], "scenario": p["scenario_base"],
                 "model": p["model_base"], "compression": label, "metric": p["metric_base"],
-                "instances": len(inst),
+                "paired_instances": len(inst),
                 "value_uncompressed": p["value_base"], "value_compressed": p["value_cand"],
                 "metric_delta": p["value_cand"] - p["value_base"],
                 "changed_prediction_rate": changed_rate(inst),
@@ -291,7 +322,7 @@ def frame_table(frame: pd.DataFrame) -> str:
     return markdown_table(frame.columns, frame.itertuples(index=False)) + "\n"
 
 
-SUMMARY_COLUMNS = ["entry", "model", "compression", "instances", "metric", "value", "stderr", "tokens_per_s",
+SUMMARY_COLUMNS = ["entry", "model", "compression", "eval_instances", "metric", "value", "stderr", "tokens_per_s",
                    "prompt_tokens_per_s", "effective_batch", "padding_efficiency", "peak_gpu_bytes",
                    "peak_cpu_bytes", "peak_disk_bytes"]
 
@@ -311,10 +342,11 @@ def write_report(output_dir: str | Path) -> pd.DataFrame:
     output_dir = Path(output_dir)
     report = load_report(output_dir)
     report.to_csv(output_dir / "report.csv", index=False)
-    text = f"# Report: {output_dir}\n\n" + frame_table(summary(report))
+    text = f"# Report: {output_dir}\n\n" + frame_table(summary(report)) + f"\n{EVAL_INSTANCES_NOTE}\n"
     plots.throughput_vs_batch(report, output_dir / "throughput.png", title="Generation throughput per run",
                               lines=False)
-    if report["compression"].nunique() > 1 and (report["compression"] == UNCOMPRESSED).any():
+    base, compressed = compression_variants(report)
+    if len(base) and len(compressed):
         comp = compression_table(output_dir, report)
         comp.to_csv(output_dir / "compression.csv", index=False)
         plots.accuracy_by_compression(comp, output_dir / "accuracy_compression.png")

@@ -1,70 +1,36 @@
-"""The closing summary table of a harness run, read back from the run folders on disk (so runs
-finished before a `--resume` appear too)."""
+"""The closing summary of a harness run: report rows of its HELM runs, each with its status.
+
+The rows come from `runs.run_row`, the very function report.md is made of, and are read back
+from the run folders on disk (so runs finished before a `--resume` appear too): the console
+and report.md show the same headline metric, value and eval_instances for a run by construction.
+"""
 
 from __future__ import annotations
 
-import os
-from functools import cache
-from importlib import resources
+from pathlib import Path
 
-import pandas as pd
-import yaml
-
+from engine.markdown import markdown_table
 from harness.files import read_json
+from harness.report.runs import EVAL_INSTANCES_NOTE, entry_of, run_row
 
-SCHEMAS = ("schema_lite.yaml", "schema_classic.yaml")
-FALLBACK_METRICS = ("exact_match", "quasi_exact_match", "final_number_exact_match", "bleu_4", "f1_score")
-
-
-@cache
-def main_metric_by_group() -> dict[str, str]:
-    """HELM's own choice of headline metric per run group (`environment.main_name` in its schemas)."""
-    names: dict[str, str] = {}
-    for schema in reversed(SCHEMAS):  # earlier schemas win
-        with resources.files("helm.benchmark.static").joinpath(schema).open() as f:
-            for group in yaml.safe_load(f).get("run_groups", []):
-                main = (group.get("environment") or {}).get("main_name")
-                if main and "$" not in main:
-                    names[group["name"]] = main
-    return names
+COLUMNS = ["entry", "metric", "value", "eval_instances", "tokens_per_s", "effective_batch", "padding_efficiency",
+           "cached_requests"]
 
 
-def _metric(stats: list[dict], name: str) -> float | None:
-    for split in ("test", "valid"):
-        for stat in stats:
-            n = stat["name"]
-            if n["name"] == name and n.get("split") == split and "perturbation" not in n and stat.get("count"):
-                return stat.get("mean")
-    return None
-
-
-def run_row(run_dir: str) -> dict:
-    """One summary row from a finished HELM run folder."""
-    run_spec = read_json(os.path.join(run_dir, "run_spec.json"))
-    stats = read_json(os.path.join(run_dir, "stats.json"))
-    engine_path = os.path.join(run_dir, "engine_stats.json")
-    engine = read_json(engine_path) if os.path.exists(engine_path) else {}
-    groups = main_metric_by_group()
-    candidates = [groups[g] for g in run_spec.get("groups", []) if g in groups] + list(FALLBACK_METRICS)
-    metric, value = next(((m, v) for m in candidates if (v := _metric(stats, m)) is not None), (None, None))
-    return {
-        "run": run_spec["name"], "metric": metric, "value": value,
-        "instances": sum(s["sum"] for s in stats if s["name"]["name"] == "num_instances"
-                         and "perturbation" not in s["name"]),
-        "tok/s": engine.get("generated_tokens_per_s"), "mean batch": engine.get("mean_batch_size"),
-        "padding eff.": engine.get("padding_efficiency"), "cached": engine.get("cached_requests"),
-        "status": "",
-    }
-
-
-def summary_table(rows: list[dict], skipped: list[tuple[str, str]]) -> str:
-    """The runs as a table (status: done, done earlier, failed: ...), then skipped entries with reasons."""
+def summary_table(output: Path, suite: str, outcomes: list[tuple[str, str]], skipped: list[tuple[str, str]]) -> str:
+    """Runs of `suite` in `output` as a Markdown table, given (run name, status) pairs (status: done,
+    done earlier, failed: ..., not run), then the skipped entries with their reasons."""
     lines = []
-    if rows:
-        frame = pd.DataFrame(rows, columns=["run", "metric", "value", "instances", "tok/s", "mean batch",
-                                            "padding eff.", "cached", "status"])
-        with pd.option_context("display.max_colwidth", 90, "display.width", 250, "display.max_rows", None):
-            lines.append(frame.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3g}"))
+    if outcomes:
+        manifest = read_json(output / "manifest.json")
+        rows = []
+        for name, status in outcomes:
+            if status.startswith("done"):
+                row = run_row(output / "runs" / suite / name, manifest, ".", output)
+                rows.append([row[c] for c in COLUMNS] + [status])
+            else:
+                rows.append([entry_of(name)] + [None] * (len(COLUMNS) - 1) + [status])
+        lines += [markdown_table(COLUMNS + ["status"], rows), EVAL_INSTANCES_NOTE]
     if skipped:
         lines.append(f"skipped ({len(skipped)}):")
         lines += [f"  {entry}\n      {reason}" for entry, reason in skipped]

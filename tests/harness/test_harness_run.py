@@ -11,7 +11,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import torch
 from helpers.paths import HELM_DATA
 
 from engine.bench.reference import hf_greedy
+from harness.helm.executor import KILL_AFTER_CALLS_ENV
 from harness.helm.request_cache import REQUEST_CACHE_FILE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,16 +88,34 @@ SYNTH = "synthetic_reasoning:mode=pattern_match"
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_llama, tmp_path_factory):
-    """MMLU anatomy + synthetic_reasoning, 5 instances each, blocks of 2x2 rows."""
+def run_cwd(tmp_path_factory) -> Path:
+    """The empty working directory tiny_run runs in."""
+    return tmp_path_factory.mktemp("cwd")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_llama, tmp_path_factory, run_cwd):
+    """MMLU anatomy + synthetic_reasoning, 5 instances each, blocks of 2x2 rows, run from `run_cwd`."""
     if not (HELM_DATA / "mmlu").is_dir():
         pytest.skip(f"offline HELM data not found at {HELM_DATA} (../shared/data)")
     out = tmp_path_factory.mktemp("tiny-run")
-    rc = harness_run("--run-entries", MMLU, SYNTH, "--model", str(tiny_llama), "--data-dir", str(HELM_DATA),
-                     "--max-eval-instances", "5", "--gpu-batch-size", "2", "--num-gpu-batches", "2",
-                     "--output", str(out))
+    cwd = os.getcwd()
+    os.chdir(run_cwd)
+    try:
+        rc = harness_run("--run-entries", MMLU, SYNTH, "--model", str(tiny_llama), "--data-dir", str(HELM_DATA),
+                         "--max-eval-instances", "5", "--gpu-batch-size", "2", "--num-gpu-batches", "2",
+                         "--output", str(out))
+    finally:
+        os.chdir(cwd)
     assert rc == 0
     return out
+
+
+@needs_data
+def test_a_run_writes_nothing_into_the_working_directory(tiny_run, run_cwd):
+    """HELM writes prod_env/ and benchmark_output/ into the working directory unless told otherwise, and
+    offload files, NLTK data and caches could land there too: everything must go under --output."""
+    assert (tiny_run / "runs").is_dir() and list(run_cwd.iterdir()) == []
 
 
 @needs_data
@@ -151,27 +169,25 @@ def _completions(output: Path, suite: str) -> dict:
 @pytest.mark.slow
 @needs_data
 def test_resume_after_kill_finishes_without_recomputing(tiny_run, tiny_llama, tmp_path):
+    """The child kills itself with SIGKILL after its 3rd engine call of one row is committed (the
+    executor's FLEXHELM_TEST_KILL_AFTER_CALLS hook): 3 of MMLU's 5 requests are cached, no run is
+    finished. The resumed run computes exactly the 7 missing requests."""
     args = ["--run-entries", MMLU, SYNTH, "--model", str(tiny_llama), "--data-dir", str(HELM_DATA),
             "--max-eval-instances", "5", "--gpu-batch-size", "1", "--num-gpu-batches", "1",
             "--output", str(tmp_path)]
-    proc = subprocess.Popen([sys.executable, "-m", "harness.run", *args], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if len(_cache_counts(tmp_path)) >= 3:
-                break
-        except sqlite3.OperationalError:  # the cache file or its table does not exist yet
-            pass
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done_before = len(run_dirs(tmp_path, "custom")) if (tmp_path / "runs" / "custom").is_dir() else 0
-    assert done_before < 2
+    env = {**os.environ, KILL_AFTER_CALLS_ENV: "3"}
+    proc = subprocess.run([sys.executable, "-m", "harness.run", *args], cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    assert _cache_counts(tmp_path) == [1, 1, 1]
+    assert not list(tmp_path.glob("runs/*/*/run_spec.json"))  # the first run was still staged in .partial/
     assert harness_run(*args, "--resume") == 0
-    assert len(run_dirs(tmp_path, "custom")) == 2
-    assert set(_cache_counts(tmp_path)) == {1} and len(_cache_counts(tmp_path)) == 10  # nothing ran twice
+    runs = run_dirs(tmp_path, "custom")
+    assert len(runs) == 2
+    engine = {name.split(":")[0]: json.loads((d / "engine_stats.json").read_text()) for name, d in runs.items()}
+    assert (engine["mmlu"]["cached_requests"], engine["mmlu"]["engine_calls"]) == (3, 2)
+    assert (engine["synthetic_reasoning"]["cached_requests"], engine["synthetic_reasoning"]["engine_calls"]) == (0, 5)
+    assert _cache_counts(tmp_path) == [1] * 10  # nothing ran twice
     assert _completions(tmp_path, "custom") == _completions(tiny_run, "custom")  # as if never interrupted
 
 

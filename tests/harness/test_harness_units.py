@@ -1,18 +1,23 @@
-"""Harness pieces that need no model: batching plan, request cache, offline data checks, BLEU fallback,
-and the conversion of engine outputs into HELM results (with SmolLM2's real tokenizer)."""
+"""Harness pieces that need no HELM run: batching plan, request cache and its key (with tiny engines for what
+the key leaves out), offline data checks, BLEU fallback, and the conversion of engine outputs into HELM
+results (with SmolLM2's real tokenizer)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from types import SimpleNamespace
 
 import pytest
 from helm.common.request import Request, RequestResult
 
+from engine import Engine
+from engine.bench.reference import POLICIES
 from engine.policy import Policy
 from harness.batching import GenerationParams, plan_engine_calls
 from harness.generation import TokenTexts, to_completion
-from harness.helm.deployment import EngineSpec
+from harness.helm.deployment import OUTPUT_NEUTRAL, EngineSpec
+from harness.helm.engine_pool import output_identity
 from harness.helm.request_cache import RequestCache, request_key
 from harness.suites import bind_model, load_run_entries
 from scenarios.offline import check_before_run_spec, check_run_spec, link_data_dir
@@ -46,19 +51,80 @@ def test_generation_params_separate_what_changes_an_engine_call():
         assert GenerationParams.of(other) != GenerationParams.of(base)
 
 
-def test_request_cache_roundtrip_and_key(tmp_path):
-    spec = EngineSpec.create("smollm2-135m", None, Policy())
-    req = Request(model="flexhelm/x", model_deployment="flexhelm/x", prompt="Hi", max_tokens=3)
-    key = request_key(spec.output_identity(), req)
-    # placement and batching do not change outputs; compression, dtype and seed do
-    assert key == request_key(EngineSpec.create("smollm2-135m", None, Policy(gpu_batch_size=2,
-                                                num_gpu_batches=3, w_gpu_percent=50, w_cpu_percent=50))
-                              .output_identity(), req)
-    for other in (Policy(compress_weight=True), Policy(compute_dtype="bf16")):
-        assert key != request_key(EngineSpec.create("smollm2-135m", None, other).output_identity(), req)
-    assert key != request_key(EngineSpec.create("smollm2-135m", None, Policy(), seed=1).output_identity(), req)
-    assert key != request_key(spec.output_identity(), Request(**{**req.__dict__, "prompt": "Ho"}))
+CPU_FP32 = ("cpu", "torch.float32", "torch.float32")
+REQ = Request(model="flexhelm/x", model_deployment="flexhelm/x", prompt="Hi", max_tokens=3)
+# A changed value for every policy field the request key must cover (all but OUTPUT_NEUTRAL and the
+# dtypes, which enter resolved); a new Policy field fails test_request_key_covers_every_numeric_field
+# until it is listed here or proven neutral.
+NUMERIC_CHANGES = {
+    "compress_weight": True, "compress_cache": True, "comp_weight_bits": 3, "comp_weight_group": 32,
+    "comp_weight_dim": 1, "comp_cache_bits": 3, "comp_cache_group": 32, "fused_int4": False,
+    "cpu_cache_compute": True, "threads": 1,
+}
 
+
+def _key(policy: Policy | None = None, device: tuple[str, str, str] = CPU_FP32, seed: int = 0,
+         request: Request = REQ) -> str:
+    spec = EngineSpec.create("smollm2-135m", None, policy or Policy(), seed=seed)
+    return request_key(spec.output_identity(*device), request)
+
+
+def test_request_key_covers_every_numeric_field():
+    fields = {f.name for f in dataclasses.fields(Policy)}
+    assert set(NUMERIC_CHANGES) == fields - set(OUTPUT_NEUTRAL) - {"compute_dtype", "storage_dtype"}
+    key = _key()
+    for name, value in NUMERIC_CHANGES.items():
+        assert _key(Policy(**{name: value})) != key, name
+    assert _key(seed=1) != key
+    assert _key(request=Request(**{**REQ.__dict__, "prompt": "Ho"})) != key
+
+
+def test_request_key_covers_device_and_effective_dtypes():
+    key = _key()
+    assert _key(device=("cuda", "torch.float16", "torch.float16")) != key  # Policy() on a GPU
+    assert _key(device=("cuda", "torch.float32", "torch.float32")) != key  # the device alone
+    assert _key(device=("cpu", "torch.bfloat16", "torch.float32")) != key  # compute dtype alone
+    assert _key(device=("cpu", "torch.float32", "torch.float16")) != key  # storage dtype alone
+
+
+def test_request_key_ignores_placement_io_and_batching():
+    key = _key()
+    for same in (Policy().with_percent(0, 50, 0, 100, 0, 100), Policy(overlap=False, pin_weight=False,
+                                                                        direct_io=True),
+                 Policy(gpu_batch_size=2, num_gpu_batches=3)):
+        assert _key(same) == key
+
+
+def test_request_key_takes_dtypes_the_engine_resolved(tiny_models):
+    """On a CPU, no compute dtype means fp32: the same key as fp32 by name; bf16 is another key."""
+    def identity(policy: Policy) -> dict:
+        spec = EngineSpec.create(str(tiny_models["llama"]), None, policy)
+        with Engine.load(spec.model, policy=policy) as engine:
+            return output_identity(spec, engine)
+
+    default = identity(Policy())
+    assert (default["device"], default["policy"]["compute_dtype"]) == ("cpu", "torch.float32")
+    assert identity(Policy(compute_dtype="fp32")) == default
+    bf16 = identity(Policy(compute_dtype="bf16"))
+    assert bf16["policy"]["compute_dtype"] == bf16["policy"]["storage_dtype"] == "torch.bfloat16"
+
+
+@pytest.mark.parametrize("name", ["opt", "llama"])
+def test_placements_are_bit_exact(tiny_models, tmp_path, name):
+    """Why placement is left out of the request key: with the same batching, every placement and I/O
+    setting of the engine's policy matrix gives bit-identical tokens and logprobs."""
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28], [40, 41, 42, 43]]
+    outputs = []
+    for policy in POLICIES.values():
+        policy = dataclasses.replace(policy, gpu_batch_size=2, num_gpu_batches=2)
+        with Engine.load(tiny_models[name], policy=policy, offload_dir=tmp_path) as engine:
+            outs = engine.generate(prompts, max_new_tokens=4, echo_prompt=True)
+        outputs.append([(o.token_ids, o.logprobs, o.prompt_logprobs) for o in outs])
+    assert all(out == outputs[0] for out in outputs[1:])
+
+
+def test_request_cache_roundtrip(tmp_path):
+    key = _key()
     cache = RequestCache(tmp_path / "c.sqlite")
     result = RequestResult(success=True, embedding=[], completions=[], cached=False, batch_size=7,
                            batch_request_time=1.5, request_time=1.5)

@@ -110,3 +110,24 @@ def test_compare_compression_output_is_checked_on_its_own():
 def test_usage_errors_exit_2(argv, tmp_path):
     argv = [a.format(tmp=tmp_path, reference=REFERENCE) for a in argv]
     assert _exit_code(argv) == 2
+
+
+def test_accuracy_drop_alone_fails_a_run(baseline, tmp_path, capsys):
+    """Every MMLU test instance loses its exact_match while every prediction stays the same (0% changed):
+    only the accuracy rule can fail it. MMLU's 3 test instances give McNemar p = 0.5**3, so alpha is 0.2."""
+    candidate = shutil.copytree(baseline, tmp_path / "candidate")
+    [mmlu] = (candidate / "runs").glob("*/mmlu:*")
+    per_instance = json.loads((mmlu / "per_instance_stats.json").read_text())
+    for record in per_instance:
+        for stat in record["stats"]:
+            if stat["name"] == {"name": "exact_match", "split": "test"}:
+                stat.update(sum=0, mean=0.0, sum_squared=0, min=0, max=0)
+    (mmlu / "per_instance_stats.json").write_text(json.dumps(per_instance))
+    table = regress.regress(candidate, baseline, regress.DEFAULT_MAX_DROP, regress.DEFAULT_MAX_CHANGED, 0.2)
+    row = table.set_index("entry").loc[next(e for e in table["entry"] if e.startswith("mmlu"))]
+    assert row["checks"] == "accuracy+changed" and row["changed"] == 0.0  # the changed rule has nothing to see
+    assert row["drop_pts"] == pytest.approx(100.0) and row["p_drop"] == pytest.approx(0.5 ** 3)
+    assert row["verdict"] == "FAIL accuracy"
+    assert (table.loc[~table["entry"].str.startswith("mmlu"), "verdict"] == "ok").all()
+    assert _exit_code(["--baseline", str(baseline), "--candidate", str(candidate), "--alpha", "0.2"]) == 1
+    assert "REGRESSION: 1 of 3" in capsys.readouterr().out

@@ -63,7 +63,9 @@ def test_rows_match_the_helm_and_engine_files(output):
         assert (row.metric, row.split) == (MAIN_METRIC[row.scenario], "test")
         [aggregate] = [s for s in stats if s["name"] == {"name": row.metric, "split": "test"}]
         values = list(_test_values(run, row.metric).values())
-        assert row.instances == len(values) > 0
+        assert row.eval_instances == len(values) > 0
+        [counted] = [s for s in stats if s["name"] == {"name": "num_instances", "split": "test"}]
+        assert row.eval_instances == counted["mean"]  # HELM's own count for the headline metric's split
         assert row.value == aggregate["mean"] == pytest.approx(statistics.mean(values))
         if len(values) > 1:
             assert row.stderr == pytest.approx(statistics.stdev(values) / math.sqrt(len(values)))
@@ -96,7 +98,7 @@ def test_written_report_and_compression_table(output):
         base_run, cand_run = output / base["path"], output / cand["path"]
         ids = set(_test_values(base_run, row.metric)) & set(_test_values(cand_run, row.metric))
         before, after = _completions(base_run), _completions(cand_run)
-        assert row.instances == len(ids)
+        assert row.paired_instances == len(ids)
         assert row.changed_prediction_rate == pytest.approx(sum(before[i] != after[i] for i in ids) / len(ids))
         eb, ec = _json(base_run / "engine_stats.json"), _json(cand_run / "engine_stats.json")
         assert row.throughput_ratio == pytest.approx(ec["generated_tokens_per_s"] / eb["generated_tokens_per_s"])
@@ -120,3 +122,34 @@ def test_usage_errors_name_the_problem(tmp_path, make, capsys):
         report.main([str(make(tmp_path))])
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def _plain_output_with_stock_run(tmp_path: Path) -> Path:
+    """The reference's uncompressed output, plus a stock `helm-run -o OUT --suite stock` run of MMLU beside
+    it (HELM's files only: stock helm-run with our client writes no engine_stats.json)."""
+    out = Path(shutil.copytree(REFERENCE / "none", tmp_path / "out"))
+    [mmlu] = (out / "runs" / "smoke").glob("mmlu:*")
+    shutil.copytree(mmlu, out / "runs" / "stock" / mmlu.name, ignore=shutil.ignore_patterns("engine_stats.json"))
+    return out
+
+
+def test_stock_helm_runs_are_labelled_and_never_paired(tmp_path):
+    out = _plain_output_with_stock_run(tmp_path)
+    rep = report.write_report(out)
+    stock = rep[rep["suite"] == "stock"]
+    ours = rep[rep["suite"] == "smoke"]
+    assert len(stock) == 1 and len(ours) == 3
+    assert set(stock["compression"]) == {report.STOCK_HELM} and set(ours["compression"]) == {"none"}
+    assert set(stock["model"]) == {"flexhelm/smollm2-135m"} and set(ours["model"]) == {"smollm2-135m"}
+    assert set(stock["policy"]) == {""} and all(ours["policy"] != "")
+    md = (out / "report.md").read_text()
+    assert f"| {stock.iloc[0].entry} | flexhelm/smollm2-135m | stock HELM |" in md
+    assert not (out / "compression.csv").exists()  # a stock run is no compressed variant of ours
+    base, compressed = report.compression_variants(rep)
+    assert len(base) == 3 and compressed.empty
+
+
+def test_a_folder_of_stock_runs_only_is_all_stock(tmp_path):
+    out = _plain_output_with_stock_run(tmp_path)
+    (out / "manifest.json").unlink()
+    assert set(report.load_report(out)["compression"]) == {report.STOCK_HELM}
