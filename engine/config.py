@@ -90,10 +90,37 @@ def _ids(value) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, list | tuple) else (int(value),)
 
 
-def from_hf_config(hf: dict, name: str = "") -> ModelConfig:
-    """Translate a HF `config.json` dict; unknown architectures are a user error."""
+# Fields a config.json must have, per family: without them the model's shapes are unknown.
+REQUIRED_FIELDS = {
+    "opt": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim",
+            "max_position_embeddings"),
+    "llama": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"),
+}
+
+
+def _require(hf: dict, family: str, source: str) -> None:
+    """Name the first missing or malformed shape field and the file, rather than fail later with a KeyError."""
+    for key in REQUIRED_FIELDS[family]:
+        if key not in hf:
+            raise UserError(f"{source}: required field {key!r} is missing (an incomplete download?); "
+                            "re-download the checkpoint")
+        value = hf[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{source}: field {key!r} must be a positive integer, got {value!r}; "
+                            "re-download the checkpoint")
+
+
+def from_hf_config(hf: dict, name: str = "", source: str | None = None) -> ModelConfig:
+    """Translate a HF `config.json` dict; unknown architectures and missing fields are user errors.
+
+    `source` names the file in messages (default: the model's name).
+    """
+    source = source or name or "config.json"
+    if not isinstance(hf, dict):
+        raise UserError(f"{source}: expected a JSON object, got {type(hf).__name__}; re-download the checkpoint")
     model_type = hf.get("model_type")
     if model_type == "opt":
+        _require(hf, "opt", source)
         hidden = hf["hidden_size"]
         proj = hf.get("word_embed_proj_dim", hidden)
         return ModelConfig(
@@ -108,7 +135,8 @@ def from_hf_config(hf: dict, name: str = "") -> ModelConfig:
             eos_token_id=_ids(hf.get("eos_token_id", 2)), bos_token_id=hf.get("bos_token_id"),
             pad_token_id=hf.get("pad_token_id"), name=name,
         )
-    if model_type in ("llama", "mistral", "qwen2") or "LlamaForCausalLM" in hf.get("architectures", []):
+    if model_type in ("llama", "mistral", "qwen2") or "LlamaForCausalLM" in (hf.get("architectures") or []):
+        _require(hf, "llama", source)
         if hf.get("rope_scaling") not in (None, {}) and (hf["rope_scaling"].get("rope_type", "default")
                                                           not in ("default",)):
             raise UserError(f"model {name!r}: rope_scaling {hf['rope_scaling']} is not supported yet")
@@ -128,18 +156,23 @@ def from_hf_config(hf: dict, name: str = "") -> ModelConfig:
                     "flexhelm runs OPT and LLaMA-family checkpoints")
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        why = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8 text"
+        raise UserError(f"{path}: not valid JSON ({why}); re-download the checkpoint") from None
+
+
 def load_folder_config(folder: Path) -> ModelConfig:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise UserError(f"{folder}: no config.json; point --model at a HF checkpoint folder")
-    try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err.msg}); re-download the checkpoint") from None
-    cfg = from_hf_config(hf, name=Path(folder).name)
+    cfg = from_hf_config(_read_json(path), name=Path(folder).name, source=str(path))
     gen = Path(folder) / "generation_config.json"
     if gen.is_file():  # generate() stops on the generation config's EOS ids, as HF does
-        eos = _ids(json.loads(gen.read_text()).get("eos_token_id"))
+        extra = _read_json(gen)
+        eos = _ids(extra.get("eos_token_id")) if isinstance(extra, dict) else ()
         if eos:
             cfg = dataclasses.replace(cfg, eos_token_id=eos)
     return cfg

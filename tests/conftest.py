@@ -14,19 +14,36 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+
+def save_tiny(name: str, seed: int, folder: Path) -> Path:
+    """Save the tiny random HF model `name` (engine.bench.reference.tiny_configs) initialised from `seed`."""
+    import transformers
+
+    cfg, cls = tiny_configs()[name]
+    torch.manual_seed(seed)
+    getattr(transformers, cls)(cfg).eval().save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny random checkpoints saved as real safetensors folders (OPT, OPT-350m-shaped, LLaMA+GQA)."""
-    import transformers
-
     root = tmp_path_factory.mktemp("tiny")
-    out = {}
-    for i, (name, (cfg, cls)) in enumerate(tiny_configs().items()):
-        torch.manual_seed(i)
-        model = getattr(transformers, cls)(cfg).eval()
-        model.save_pretrained(root / name)
-        out[name] = root / name
-    return out
+    return {name: save_tiny(name, i, root / name) for i, name in enumerate(tiny_configs())}
+
+
+@pytest.fixture(scope="session")
+def tiny_seeded(tmp_path_factory):
+    """`tiny_seeded(name, seed)`: the tiny checkpoint `name` with weights from another seed, made once per session,
+    for properties that must hold whatever the weights rather than for the one draw `tiny_models` made."""
+    root, made = tmp_path_factory.mktemp("seeded"), {}
+
+    def get(name: str, seed: int) -> Path:
+        if (name, seed) not in made:
+            made[name, seed] = save_tiny(name, seed, root / f"{name}-{seed}")
+        return made[name, seed]
+
+    return get
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,8 @@ O_DIRECT so the page cache cannot flatter it.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -22,6 +24,9 @@ from engine.errors import UserError
 from engine.storage.host_memory import available_ram
 
 ALIGN = 4096
+# How to give a tier more room: the CLIs have flags for the memory tiers; the disk tier's room is its folder's.
+_RAISE = {"gpu": "raise --gpu-mem", "cpu": "raise --cpu-mem",
+          "disk": "raise disk_mem or use a bigger --offload-dir"}
 
 
 def human(n: float) -> str:
@@ -46,7 +51,7 @@ class Tier:
             if self.used > self.capacity:
                 used, self.used = self.used, self.used - nbytes
                 raise UserError(f"{self.name} tier over budget: needs {human(used)}, budget {human(self.capacity)}; "
-                                f"raise --{self.name}-mem or move more to another tier with --percent")
+                                f"{_RAISE[self.name]}, or move more to another tier with --percent")
             self.peak = max(self.peak, self.used)
 
     def release(self, nbytes: int) -> None:
@@ -99,26 +104,55 @@ def aligned_empty(nbytes: int, pin: bool = False) -> torch.Tensor:
 
 
 class DiskTier(Tier):
-    """A folder of files, one per store, removed on every exit path."""
+    """A folder of files, one per store, made at the first store and removed on every exit path.
+
+    Nothing is created before a store needs it, so a load refused up front (a budget, a bad checkpoint)
+    leaves no trace, not even the --offload-dir it named; folders the tier did create are removed on
+    close when nothing else was put in them. A folder that cannot be made is refused at once, in one line.
+    """
 
     def __init__(self, root: str | os.PathLike | None, capacity: int | None, direct_io: bool):
-        parent = Path(root) if root else Path(tempfile.gettempdir())
+        self.parent = Path(root) if root else Path(tempfile.gettempdir())
         try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UserError(f"cannot create offload folder {parent}: {err.strerror}; pass a writable "
+            existing = next(p for p in (self.parent, *self.parent.parents) if p.exists())
+        except OSError as err:  # e.g. a parent that may not be searched
+            raise UserError(f"cannot create offload folder {self.parent} ({err.strerror}); pass a writable "
                             "--offload-dir") from None
-        clean_stale(parent)
-        self.folder = Path(tempfile.mkdtemp(prefix=f"flexhelm-{os.getpid()}-", dir=parent))
-        free = shutil.disk_usage(self.folder).free
-        super().__init__("disk", torch.device("cpu"), capacity if capacity is not None else free)
+        if not existing.is_dir():
+            raise UserError(f"cannot create offload folder {self.parent}: {existing} is a file, not a folder; "
+                            "pass another --offload-dir")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"cannot create offload folder {self.parent}: {existing} is not writable; "
+                            "pass a writable --offload-dir")
+        if existing == self.parent:
+            clean_stale(self.parent)
+        super().__init__("disk", torch.device("cpu"),
+                         capacity if capacity is not None else shutil.disk_usage(existing).free)
         self.direct_io = direct_io
-        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.folder), True)
+        self.folder: Path | None = None  # made by the first store
+        # what close removes: this tier's folder, then the parents it made (deepest first) if left empty
+        self._tree: list[Path] = []
+        self._made: list[Path] = []
+        self._finalizer = weakref.finalize(self, _remove, self._tree, self._made)
         atexit.register(self._finalizer)
         self._serial = 0
 
+    def _make_folder(self) -> Path:
+        missing = [p for p in (self.parent, *self.parent.parents) if not p.exists()]  # deepest first
+        self._made.extend(missing)
+        try:
+            self.parent.mkdir(parents=True, exist_ok=True)
+            self._tree.append(Path(tempfile.mkdtemp(prefix=f"flexhelm-{os.getpid()}-", dir=self.parent)))
+        except OSError as err:
+            _remove(self._tree, self._made)
+            raise _disk_error(err, f"cannot create offload folder {self.parent}",
+                              "pass a writable --offload-dir") from None
+        return self._tree[0]
+
     def store(self, nbytes: int, tag: str) -> DiskStore:
         with self._lock:
+            if self.folder is None:
+                self.folder = self._make_folder()
             self._serial += 1
             path = self.folder / f"{self._serial:06d}-{tag}.bin"
         return DiskStore(self, path, nbytes)
@@ -127,21 +161,38 @@ class DiskTier(Tier):
         self._finalizer()
 
 
+def _remove(tree: list[Path], made: list[Path]) -> None:
+    """Remove a disk tier's folder, then the parents it made, deepest first, unless something else is in them."""
+    for folder in tree:
+        shutil.rmtree(folder, ignore_errors=True)
+    for folder in made:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    tree.clear()
+    made.clear()
+
+
+def _disk_error(err: OSError, what: str, fix: str) -> UserError:
+    """One line for a failed disk operation; a full disk says so, since freeing space or moving fixes it."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"{what}: the offload disk is full ({err.strerror}); free space or pass another "
+                         "--offload-dir")
+    return UserError(f"{what} ({err.strerror}); {fix}")
+
+
 class DiskStore:
     """A file with positional reads and writes; reads may bypass the page cache (O_DIRECT)."""
 
     def __init__(self, tier: DiskTier, path: Path, nbytes: int):
         tier.alloc(nbytes)
-        self.tier, self.path, self.nbytes = tier, path, nbytes
-        size = -(-nbytes // ALIGN) * ALIGN
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.tier, self.path, self.nbytes, self.closed = tier, path, nbytes, False
+        self.fd = self.rfd = None
         try:
-            os.ftruncate(self.fd, size)
+            self.fd = self.rfd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.ftruncate(self.fd, -(-nbytes // ALIGN) * ALIGN)
         except OSError as err:
             self.close()
-            raise UserError(f"offload folder {tier.folder.parent} is full ({err.strerror}); "
-                            "free space or pass another --offload-dir") from None
-        self.rfd = self.fd
+            raise _disk_error(err, f"cannot make offload file {path}", "pass another --offload-dir") from None
         if tier.direct_io and hasattr(os, "O_DIRECT"):
             try:
                 self.rfd = os.open(path, os.O_RDONLY | os.O_DIRECT)
@@ -153,10 +204,11 @@ class DiskStore:
         try:
             written = os.pwritev(self.fd, [view], offset)
         except OSError as err:
-            raise UserError(f"writing {self.path.name} failed ({err.strerror}); the offload disk is full "
-                            "or failing: free space or pass another --offload-dir") from None
-        if written != len(view):
-            raise UserError(f"short write to {self.path}: disk full? free space or pass another --offload-dir")
+            raise _disk_error(err, f"writing {self.path} failed", "the offload disk is failing: pass another "
+                              "--offload-dir") from None
+        if written != len(view):  # only a full disk writes less than asked without an error
+            raise _disk_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+                              f"short write to {self.path}", "") from None
         if self.rfd != self.fd:  # keep the page cache honest for later direct reads
             os.posix_fadvise(self.fd, offset, len(view), os.POSIX_FADV_DONTNEED)
         self.tier.count(written=len(view))
@@ -187,12 +239,14 @@ class DiskStore:
         return -(-nbytes // ALIGN) * ALIGN + ALIGN
 
     def close(self) -> None:
-        if self.fd is None:
+        if self.closed:
             return
-        if self.rfd != self.fd:
+        self.closed = True
+        if self.rfd not in (None, self.fd):
             os.close(self.rfd)
-        os.close(self.fd)
-        self.fd = None
+        if self.fd is not None:
+            os.close(self.fd)
+        self.fd = self.rfd = None
         self.path.unlink(missing_ok=True)
         self.tier.release(self.nbytes)
 

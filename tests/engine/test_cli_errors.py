@@ -35,6 +35,12 @@ def broken(tiny_models, tmp_path):
         elif kind == "unknown-arch":
             cfg = json.loads((folder / "config.json").read_text())
             (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba"}))
+        elif kind == "no-hidden-size":
+            cfg = json.loads((folder / "config.json").read_text())
+            (folder / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "hidden_size"}))
+        elif kind == "truncated-config":
+            text = (folder / "config.json").read_text()
+            (folder / "config.json").write_text(text[: len(text) // 2])
         return str(folder)
 
     return make
@@ -46,6 +52,15 @@ def test_missing_checkpoint(tmp_path):
 
 def test_truncated_checkpoint(broken):
     assert_one_line_error(run_cli("--model", broken("truncated"), "--prompt-ids", "1,2"), "corrupt or truncated")
+
+
+@pytest.mark.parametrize("kind,needle", [("no-hidden-size", "required field 'hidden_size' is missing"),
+                                         ("truncated-config", "not valid JSON")])
+def test_a_damaged_config_json_names_the_file(broken, kind, needle):
+    folder = broken(kind)
+    proc = run_cli("--model", folder, "--prompt-ids", "1,2,3")
+    assert_one_line_error(proc, needle)
+    assert f"{folder}/config.json" in proc.stderr
 
 
 def test_unknown_architecture(broken):

@@ -9,6 +9,7 @@ import torch
 from helpers.paths import HELM_DATA
 
 from engine import Engine, Policy
+from engine.bench.quality import Variant, compare, load_texts
 from engine.bench.reference import POLICIES
 from engine.quant.codec import WeightCodec
 from engine.quant.groupwise import QuantSpec
@@ -56,8 +57,6 @@ def test_four_bit_weights_shrink_storage_and_disk_reads(tmp_path, dim):
 
 @pytest.mark.skipif(not HELM_DATA.is_dir(), reason="../shared/data/helm-scenarios is not beside this checkout")
 def test_smollm2_four_bit_accuracy_is_pinned_and_two_bit_fails(smollm2):
-    from engine.bench.quality import Variant, compare, load_texts
-
     # SmolLM2's GGUF weights are already 4-bit in groups of 32 along the input dimension: grouping
     # the same way keeps that grid (README, "Compression accuracy"); groups of 64 cost 1.6x perplexity.
     texts = load_texts(HELM_DATA / "gsm" / "gsm_data_test", 6)

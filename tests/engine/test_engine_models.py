@@ -7,17 +7,22 @@ import shutil
 
 import pytest
 import torch
-from helpers.reference import assert_matches_hf
+from helpers.reference import TOL, assert_matches_hf
+from safetensors.torch import load_file
 
 from engine import Engine, Policy, UserError
+from engine.bench.reference import hf_prompt_logprobs
 
 MIXED = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30], [40, 41, 42, 43]]
+# The default device (cuda if present), and the CPU spelled as a user may spell it.
+DEVICES = [None, "cpu", "cpu:0"]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["opt", "opt350", "llama"])
 @pytest.mark.parametrize("gbs", [1, 3])
-def test_tiny_models_match_hf(tiny_models, hf_model, name, gbs):
-    eng = Engine.load(tiny_models[name], policy=Policy(gpu_batch_size=gbs, num_gpu_batches=2))
+def test_tiny_models_match_hf(tiny_models, hf_model, name, gbs, device):
+    eng = Engine.load(tiny_models[name], policy=Policy(gpu_batch_size=gbs, num_gpu_batches=2), device=device)
     assert eng.tokenizer is None
     assert_matches_hf(eng, hf_model(tiny_models[name]), MIXED, max_new=6, echo=True)
 
@@ -82,12 +87,29 @@ def test_zero_new_tokens_with_echo_scores_the_prompt(tiny_models, hf_model):
     eng = Engine.load(tiny_models["opt"])
     out = eng.generate(MIXED, max_new_tokens=0, echo_prompt=True)
     assert all(o.token_ids == [] and len(o.prompt_logprobs) == len(p) for o, p in zip(out, MIXED, strict=True))
+    for o, prompt in zip(out, MIXED, strict=True):
+        ref = hf_prompt_logprobs(hf_model(tiny_models["opt"]), prompt)
+        assert o.prompt_logprobs[0] is None
+        assert max(abs(a - b) for a, b in zip(o.prompt_logprobs[1:], ref, strict=True)) < TOL
 
 
-def test_dummy_weights_are_seeded_and_borrow_the_embedded_tokenizer(smollm2):
-    a = Engine.load("opt-125m", weights="dummy").generate(["Hello there"], max_new_tokens=3)[0]
-    b = Engine.load("opt-125m", weights="dummy").generate(["Hello there"], max_new_tokens=3)[0]
-    assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
+def test_dummy_weights_are_seeded(tiny_models):
+    """Two loads with one seed give the same weights, bit for bit; another seed gives other weights."""
+    def run(seed: int) -> list[list[float]]:
+        with Engine.load(tiny_models["opt"], weights="dummy", seed=seed) as eng:
+            return [o.logprobs for o in eng.generate(MIXED, max_new_tokens=3)]
+
+    first = run(0)
+    assert run(0) == first
+    assert run(1) != first
+
+
+def test_dummy_weights_borrow_the_embedded_tokenizer(smollm2):
+    with Engine.load("opt-125m", weights="dummy") as eng:
+        assert eng.tokenizer is not None and eng.tokenizer.name_or_path == str(smollm2)
+        out = eng.generate(["Hello there"], max_new_tokens=3)[0]
+    body = out.token_ids[:-1] if out.finish_reason == "eos" else out.token_ids
+    assert out.token_ids and out.text == eng.tokenizer.decode(body)
 
 
 def test_opt_without_weights_is_a_user_error():
@@ -101,10 +123,6 @@ def test_text_prompt_without_tokenizer_is_a_user_error(tiny_models):
 
 
 def test_sharded_safetensors_and_bin_checkpoints_load_alike(tiny_models, hf_model, tmp_path):
-    import shutil
-
-    from safetensors.torch import load_file
-
     hf = hf_model(tiny_models["llama"])
     sharded = tmp_path / "sharded"
     hf.save_pretrained(sharded, max_shard_size="20KB")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -11,18 +12,28 @@ import pytest
 import torch
 from helpers.paths import HELM_DATA
 from helpers.reference import assert_matches_hf
+from transformers import AutoTokenizer
 
 from engine import Engine, Policy, UserError
+from engine.api import plan_blocks
 from engine.bench.reference import POLICIES
 from engine.storage.tiers import DiskStore
 
 MIXED = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28], [40, 41, 42, 43]]
 
 
-@pytest.mark.parametrize("policy", POLICIES.values(), ids=POLICIES.keys())
+# Every policy on the default device (cuda where present); then the CPU spelled out as a user may spell it,
+# over the policies whose tiers differ most: weights three ways, cpu-tier attention, GPU batches, no overlap.
+SPELLED = ("all-gpu", "weights-30-30-40", "cache-cpu-compute", "three-gpu-batches", "no-overlap")
+MATRIX = ([pytest.param(policy, None, id=name) for name, policy in POLICIES.items()]
+          + [pytest.param(POLICIES[name], device, id=f"{name}-{device}") for name in SPELLED
+             for device in ("cpu", "cpu:0")])
+
+
+@pytest.mark.parametrize("policy,device", MATRIX)
 @pytest.mark.parametrize("name", ["opt", "llama"])
-def test_tiny_models_match_hf_under_every_policy(tiny_models, hf_model, tmp_path, name, policy):
-    with Engine.load(tiny_models[name], policy=policy, offload_dir=tmp_path) as eng:
+def test_tiny_models_match_hf_under_every_policy(tiny_models, hf_model, tmp_path, name, policy, device):
+    with Engine.load(tiny_models[name], policy=policy, device=device, offload_dir=tmp_path) as eng:
         assert_matches_hf(eng, hf_model(tiny_models[name]), MIXED, max_new=5, echo=True)
         if policy.split("weight")["disk"] > 0:
             assert eng.stats.bytes_read["disk"] > 0
@@ -113,12 +124,6 @@ def test_policy_validation_messages():
 
 @pytest.mark.skipif(not HELM_DATA.is_dir(), reason="../shared/data/helm-scenarios is not beside this checkout")
 def test_padding_efficiency_on_mmlu_prompts(smollm2):
-    import csv
-
-    from transformers import AutoTokenizer
-
-    from engine.api import plan_blocks
-
     tok = AutoTokenizer.from_pretrained(smollm2)
     prompts = []
     for path in sorted(Path(HELM_DATA / "mmlu" / "data" / "test").glob("*.csv"))[:20]:

@@ -112,7 +112,7 @@ def test_infeasible_model_names_the_shortfall_in_bytes(t4):
     assert abs(short - (weights - usable)) / short < 0.05
 
 
-def test_compression_shrinks_weights_to_about_0_5625_bytes(t4):
+def test_compression_shrinks_weights_to_about_0_5625_bytes():
     assert compressed_nbytes((4096,), 4, 64) == 4096 * 0.5625
     assert compressed_nbytes((1024, 4096), 4, 64, 0) == 1024 * 4096 * 0.5625
     cfg, plain = named_config("opt-30b"), Policy().with_percent(0, 100, 100, 0, 100, 0)  # host: weights only
