@@ -147,7 +147,8 @@ class Engine:
         rt = Runtime(cfg, adapter, specs, stored, plans, tiers, policy, dev, compute, storage,
                      ThreadPoolExecutor(max_workers=2, thread_name_prefix="flexhelm-io"),
                      QuantSpec(policy.comp_cache_bits, policy.comp_cache_group) if policy.compress_cache else None,
-                     torch.cuda.Stream(dev) if cuda else None, buffers["gpu"], buffers["cpu"])
+                     torch.cuda.Stream(dev) if cuda else None, buffers["gpu"], buffers["cpu"],
+                     memory.table_scratch_bytes(placed, specs, at_use, dev, compute))
 
         def sink(pos: int, name: str, tensor: torch.Tensor) -> None:
             sw = stored[pos][name]
@@ -244,7 +245,8 @@ class Engine:
         worst = memory.zero()
         for block in blocks:
             shapes = [(len(b), max(lengths[i] for i in b)) for b in block]
-            need = memory.block_bytes(rt.cfg, rt.policy, shapes, steps, rt.storage_dtype, elem, rt.cache_quant)
+            need = memory.block_bytes(rt.cfg, rt.policy, shapes, steps, rt.storage_dtype, elem, rt.cache_quant,
+                                      rt.table_scratch)
             worst = {t: max(worst[t], need[t]) for t in TIERS}
         free = {t: rt.tiers[t].capacity - rt.tiers[t].used for t in TIERS}
         memory.check(worst, free, "the KV cache and activations of a block do not fit", rt.device)

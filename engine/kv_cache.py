@@ -35,13 +35,20 @@ class LayerCache:
         cfg, d = rt.cfg, rt.cfg.head_dim
         self.rt, self.length, self.pending = rt, 0, []
         self.segments = []
-        for tier, (h0, h1) in split_count(cfg.kv_heads, rt.policy.split("cache")).items():
-            codec = RowCodec(batch * (h1 - h0) * d, rt.storage_dtype, rt.cache_quant, vector=d)
-            size = max_len * codec.row_bytes
-            device = torch.device("cpu") if (rt.policy.cpu_cache_compute and tier != "gpu") else rt.device
-            dtype = torch.float32 if device.type == "cpu" else rt.compute_dtype
-            self.segments.append(_Segment(tier, (h0, h1), codec, rt.tiers[tier].store(size, "k"),
-                                          rt.tiers[tier].store(size, "v"), device, dtype))
+        stores: list[Store] = []
+        try:  # a tier that refuses a store must not keep the ones made before it
+            for tier, (h0, h1) in split_count(cfg.kv_heads, rt.policy.split("cache")).items():
+                codec = RowCodec(batch * (h1 - h0) * d, rt.storage_dtype, rt.cache_quant, vector=d)
+                size = max_len * codec.row_bytes
+                device = torch.device("cpu") if (rt.policy.cpu_cache_compute and tier != "gpu") else rt.device
+                dtype = torch.float32 if device.type == "cpu" else rt.compute_dtype
+                for tag in ("k", "v"):
+                    stores.append(rt.tiers[tier].store(size, tag))
+                self.segments.append(_Segment(tier, (h0, h1), codec, stores[-2], stores[-1], device, dtype))
+        except BaseException:
+            for store in stores:
+                store.close()
+            raise
 
     def fetch(self) -> list:
         """Read the cached rows of the segments that cannot be viewed in place (runs on a worker)."""
@@ -84,11 +91,14 @@ class LayerCache:
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def close(self) -> None:
-        for fut in self.pending:
-            fut.result()
-        for seg in self.segments:
-            seg.k.close()
-            seg.v.close()
+        """Wait for pending writes, then free the stores even when a write failed (and re-raise that)."""
+        try:
+            for fut in self.pending:
+                fut.result()
+        finally:
+            for seg in self.segments:
+                seg.k.close()
+                seg.v.close()
 
 
 def _write_rows(stores, offset: int, encoded) -> None:
@@ -104,9 +114,12 @@ class Activation:
     def __init__(self, rt: Runtime, max_elems: int):
         self.rt, self.split = rt, rt.policy.split("act")
         self.disk: DiskStore | None = None
-        if self.split["disk"] > 0:
+        # The disk share of n elements, n - round(share * n), never shrinks as n grows, so a store
+        # sized for the largest activation holds every smaller one from offset 0.
+        start, end = split_count(max_elems, self.split).get("disk", (0, 0))
+        if end > start:
             itemsize = torch.empty((), dtype=rt.compute_dtype).element_size()
-            self.disk = rt.tiers["disk"].store(max_elems * itemsize, "act")
+            self.disk = rt.tiers["disk"].store((end - start) * itemsize, "act")
         self.pieces: list = []
         self.shape: torch.Size | None = None
         self.held = {"gpu": 0, "cpu": 0}

@@ -98,9 +98,23 @@ def tables_at_use(spec: LayerSpec, at_use: frozenset[str]) -> frozenset[str]:
     return at_use & frozenset(spec.tables)
 
 
+def table_scratch_bytes(placed: list[dict[str, tuple[str, WeightCodec]]], specs: list[LayerSpec],
+                        at_use: list[frozenset[str]], device: torch.device, compute: torch.dtype) -> dict[str, int]:
+    """Scratch of the vocabulary tables used a chunk at a time (engine.tables.Table): one decoded chunk on
+    the device unless every table is already in compute form there, and one stored chunk in host memory
+    when a table is read from disk at use."""
+    decoded = any(not codec.in_place(data_device(tier, device), device, compute) or name in names
+                  for layer, spec, names in zip(placed, specs, at_use, strict=True)
+                  for name, (tier, codec) in layer.items() if name in spec.tables)
+    from_disk = any(tables_at_use(spec, names) for spec, names in zip(specs, at_use, strict=True))
+    elem = torch.empty((), dtype=compute).element_size()
+    return {"gpu": CHUNK_ELEMS * elem if decoded else 0, "cpu": CHUNK_ELEMS * 4 if from_disk else 0, "disk": 0}
+
+
 def block_bytes(cfg: ModelConfig, policy: Policy, batches: list[tuple[int, int]], steps: int,
-                storage, compute_elem: int, cache_quant) -> dict[str, int]:
-    """KV cache, activations and transient compute buffers of one block of (rows, padded_len) batches."""
+                storage, compute_elem: int, cache_quant, scratch: dict[str, int]) -> dict[str, int]:
+    """KV cache, activations and transient compute buffers of one block of (rows, padded_len) batches,
+    plus the tables' `scratch` (table_scratch_bytes)."""
     total = zero()
     for rows, length in batches:
         for tier, (h0, h1) in split_count(cfg.kv_heads, policy.split("cache")).items():
@@ -111,9 +125,8 @@ def block_bytes(cfg: ModelConfig, policy: Policy, batches: list[tuple[int, int]]
     rows, length = max(batches, key=lambda rl: rl[0] * rl[1])
     transient = rows * length * (cfg.ffn + 4 * cfg.hidden) * compute_elem
     transient += rows * cfg.n_heads * length * length * 4 + rows * cfg.vocab_size * 4 * 2
-    transient += CHUNK_ELEMS * compute_elem  # one decoded chunk of a vocabulary table
-    total["gpu"] += transient
-    total["cpu"] += CHUNK_ELEMS * 4  # one stored chunk of a vocabulary table read from disk
+    total["gpu"] += transient + scratch["gpu"]
+    total["cpu"] += scratch["cpu"]
     return total
 
 

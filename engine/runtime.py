@@ -56,6 +56,7 @@ class Runtime:
     # allocations would cost more in page faults than the copies themselves.
     working: list[torch.Tensor]  # weights in compute form, on the device
     staging: list[torch.Tensor]  # aligned host buffers for disk reads
+    table_scratch: dict[str, int]  # per tier: chunks of vocabulary tables in use (memory.table_scratch_bytes)
     loads: Iterator[int] = field(default_factory=itertools.count)  # numbers layer loads, which alternate slots
 
     def table_at_use(self, pos: int, name: str) -> bool:

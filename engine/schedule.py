@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -187,12 +188,19 @@ def run_block(rt: Runtime, batches: list[Rows], steps: int, echo: bool, on_step:
     `on_pass(step, seconds)` follows each pass: its time, with the device synchronized.
     """
     cfg, adapter, n_layers = rt.cfg, rt.adapter, len(rt.specs)
-    caches = [[LayerCache(rt, len(r.index), r.ids.shape[1] + steps) for r in batches] for _ in range(cfg.n_layers)]
-    acts = [Activation(rt, len(r.index) * r.ids.shape[1] * cfg.hidden) for r in batches]
+    caches: list[list[LayerCache]] = []
+    acts: list[Activation] = []
     inputs = [r.ids.to(rt.device) for r in batches]
     finished = [False] * len(batches)
-    next_layer = LayerLoad(rt, 0, _compute_done(rt))
-    try:
+    next_layer = None
+    try:  # whatever was made before an error is given back in `finally`
+        for _ in range(cfg.n_layers):
+            caches.append([])
+            for r in batches:
+                caches[-1].append(LayerCache(rt, len(r.index), r.ids.shape[1] + steps))
+        for r in batches:
+            acts.append(Activation(rt, len(r.index) * r.ids.shape[1] * cfg.hidden))
+        next_layer = LayerLoad(rt, 0, _compute_done(rt))
         for step in range(steps):
             start = time.perf_counter()
             if step > 0:
@@ -229,14 +237,23 @@ def run_block(rt: Runtime, batches: list[Rows], steps: int, echo: bool, on_step:
             if all(finished):
                 break
     finally:
-        if next_layer is not None:
-            with contextlib.suppress(Exception):  # the error that stopped the block is the one to report
-                next_layer.wait()
-        for layer in caches:
-            for cache in layer:
-                cache.close()
-        for act in acts:
-            act.close()
+        _release(next_layer, [c for layer in caches for c in layer], acts)
+
+
+def _release(next_layer: LayerLoad | None, caches: list[LayerCache], acts: list[Activation]) -> None:
+    """Give back every store of a block; the first error (a failed cache write) is raised after all are
+    closed, unless another error already stopped the block, which is then the one reported."""
+    if next_layer is not None:
+        with contextlib.suppress(Exception):
+            next_layer.wait()
+    errors = []
+    for item in [*caches, *acts]:
+        try:
+            item.close()
+        except Exception as err:  # every store is closed, whatever one of them raised
+            errors.append(err)
+    if errors and sys.exc_info()[1] is None:
+        raise errors[0]
 
 
 def _fetch(rt: Runtime, cache: LayerCache) -> Future:

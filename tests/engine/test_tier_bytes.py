@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers.expected import expected_bytes, fractions, token_head_bytes
 
-from engine import Engine, Policy, UserError
+from engine import Engine, Policy
 from engine.bench.reference import POLICIES
 from engine.config import load_folder_config
 from engine.policy import TIERS
@@ -71,9 +71,6 @@ def test_compressed_cache_is_stored_compressed_on_every_tier(tiny_models, tmp_pa
     assert token_head_bytes(cfg, policy, 4) < token_head_bytes(cfg, PLACEMENTS[placement], 2)  # below even fp16
 
 
-@pytest.mark.xfail(strict=True, raises=UserError,
-                   reason="activations' disk store is sized for the whole batch while the up-front check "
-                          "(engine.memory.block_bytes) counts only their disk share (engine.kv_cache.Activation)")
 def test_a_run_that_passes_the_up_front_check_fits_its_disk_budget(tiny_models, tmp_path):
     policy = PLACEMENTS["act-split"]  # weights and cache on the gpu tier: the disk holds only activations
     exp = expected_bytes(load_folder_config(tiny_models["opt"]), policy, [len(p) for p in MIXED], NEW, 4, 4)

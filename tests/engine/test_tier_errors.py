@@ -23,9 +23,8 @@ BLOCK = Policy(gpu_batch_size=32)
 CACHE_ON = {"gpu": BLOCK, "cpu": BLOCK.with_percent(100, 0, 0, 100, 100, 0),
             "disk": BLOCK.with_percent(100, 0, 0, 0, 100, 0)}
 LONG = [[1] * 100] * 32  # one block of 32 rows of 100 tokens: with 20 new tokens, a KV cache of 1.9 MiB
-# Room for the model, a short prompt's block and the 4 MiB the engine keeps for a chunk of the vocabulary
-# table (engine.memory.block_bytes), but not for LONG's cache: the gpu tier also computes, the cpu tier stages.
-FITS_A_SHORT_BLOCK = {"gpu": {"gpu_mem": "6MiB"}, "cpu": {"cpu_mem": "5MiB"}, "disk": {"disk_mem": "1MiB"}}
+# Room for the model and a short prompt's block, but not for LONG's cache (the gpu tier also computes).
+FITS_A_SHORT_BLOCK = {"gpu": {"gpu_mem": "6MiB"}, "cpu": {"cpu_mem": "1MiB"}, "disk": {"disk_mem": "1MiB"}}
 # Room for the model alone: what a block's cache and activations take on the tier must overflow it.
 FITS_THE_MODEL = {"gpu": {"gpu_mem": "1MiB"}, "cpu": {"cpu_mem": "64KiB"}, "disk": {"disk_mem": "64KiB"}}
 SHORT = [[1, 2, 3]]
@@ -146,12 +145,8 @@ def _full_disk(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("tier,cause,prompts", [
-    pytest.param("gpu", _zero_estimate, LONG, id="gpu-over-budget", marks=pytest.mark.xfail(strict=True, reason=(
-        "run_block makes every LayerCache before its try/finally: the stores made before the one that "
-        "overflowed are never closed (engine/schedule.py)"))),
-    pytest.param("disk", _full_disk, SHORT, id="disk-full", marks=pytest.mark.xfail(strict=True, reason=(
-        "LayerCache.close re-raises a failed write before closing its stores, and run_block's finally "
-        "stops at the first such cache (engine/kv_cache.py)")))])
+    pytest.param("gpu", _zero_estimate, LONG, id="gpu-over-budget"),
+    pytest.param("disk", _full_disk, SHORT, id="disk-full")])
 def test_a_refused_run_gives_back_what_it_took_and_the_engine_runs_on(tiny_models, tmp_path, monkeypatch, tier,
                                                                       cause, prompts):
     with Engine.load(tiny_models["opt"], policy=CACHE_ON[tier], offload_dir=tmp_path, **FITS_THE_MODEL[tier]) as eng:
