@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -59,13 +60,13 @@ class Engine:
     """A model placed over the gpu, cpu and disk tiers according to a `Policy`."""
 
     def __init__(self, rt: Runtime, tokenizer, source: str):
-        self.rt, self.tokenizer, self.source = rt, tokenizer, source
+        self._rt, self.tokenizer, self.source = rt, tokenizer, source  # _rt: internals, for white-box tests only
         self.stats = GenerationStats()  # of the last generate() call
 
     def close(self) -> None:
         """Free the tiers and remove the offload files now (they also go at exit)."""
-        self.rt.io.shutdown(wait=True)
-        self.rt.tiers["disk"].close()
+        self._rt.io.shutdown(wait=True)
+        self._rt.tiers["disk"].close()
 
     def __enter__(self) -> Engine:
         return self
@@ -75,21 +76,43 @@ class Engine:
 
     @property
     def config(self) -> ModelConfig:
-        return self.rt.cfg
+        return self._rt.cfg
 
     @property
     def policy(self) -> Policy:
-        return self.rt.policy
+        return self._rt.policy
+
+    @property
+    def device(self) -> torch.device:
+        return self._rt.device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self._rt.compute_dtype
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return self._rt.storage_dtype
+
+    @property
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes each tier holds now: stored weights and reserved buffers between calls."""
+        return {t: self._rt.tiers[t].used for t in TIERS}
+
+    @property
+    def offload_folder(self) -> Path | None:
+        """The disk tier's folder, once something was stored there; it goes with `close()`."""
+        return self._rt.tiers["disk"].folder
 
     @property
     def stored_weight_bytes(self) -> int:
         """Bytes the weights take on their tiers, as stored (compressed or not), without working buffers."""
-        return sum(sw.codec.nbytes for layer in self.rt.weights for sw in layer.values())
+        return sum(sw.codec.nbytes for layer in self._rt.weights for sw in layer.values())
 
     @property
     def fused_weights(self) -> int:
         """How many weights run in torch's fused int4 kernel (engine.quant.int4_kernel)."""
-        return sum(sw.codec.fused for layer in self.rt.weights for sw in layer.values())
+        return sum(sw.codec.fused for layer in self._rt.weights for sw in layer.values())
 
     # -- loading ---------------------------------------------------------------------------------------
     @classmethod
@@ -171,7 +194,7 @@ class Engine:
                  top_p: float = 1.0, top_k: int = 0, stop: list[str] | str | None = None, seed: int = 0,
                  logprobs: bool = True, echo_prompt: bool = False) -> list[Generation]:
         """Generate for every prompt; `outs[i]` answers `prompts[i]` however rows are regrouped."""
-        rt, cfg, policy = self.rt, self.rt.cfg, self.rt.policy
+        rt, cfg, policy = self._rt, self._rt.cfg, self._rt.policy
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         ids = self._encode(prompts)
         if max_new_tokens < 0:
@@ -240,7 +263,7 @@ class Engine:
         return out
 
     def _check_block_memory(self, blocks: list[list[list[int]]], lengths: list[int], steps: int) -> None:
-        rt = self.rt
+        rt = self._rt
         elem = torch.empty((), dtype=rt.compute_dtype).element_size()
         worst = memory.zero()
         for block in blocks:

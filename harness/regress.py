@@ -11,7 +11,7 @@ one-sided test says so at --alpha, so a few unlucky instances of a small run do 
   changes its text under any perturbation of the weights, so there accuracy decides alone.
 
 Calibration of the defaults (SmolLM2-135M, MMLU abstract_algebra and us_foreign_policy, 100 test
-instances each, uncompressed against weights compressed to 4 and 2 bits; commands in the README):
+instances each, uncompressed against weights compressed to 4 and 2 bits; commands in docs/measurements.md):
 4-bit changed 46% and 22% of the answers (upper 95% bounds 0.56 and 0.31) with accuracy +6 and +2
 points; 2-bit changed 100% and lost 25 and 24 points. --max-changed 0.6 sits above 4-bit's bounds
 and far below 2-bit; --max-changed 0.3 would fail the good 4-bit abstract_algebra run. With all

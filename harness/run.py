@@ -4,7 +4,7 @@
         --data-dir ../shared/data/helm-scenarios --max-eval-instances 5
 
 Everything runs offline: data comes from `--data-dir` (HELM's scenario-cache layout) and entries
-without data are skipped with their reason. See README "Harness" for the output layout.
+without data are skipped with their reason. README, "The harness: HELM on the engine", shows the output layout.
 """
 
 from __future__ import annotations

@@ -32,8 +32,7 @@ def engine_for(spec: EngineSpec) -> Engine:
 def output_identity(spec: EngineSpec, engine: Engine) -> dict:
     """The request-cache identity of `spec`, with the device and dtypes `engine` resolved when it loaded
     (so a CPU run and a GPU run sharing an output folder never answer each other's requests)."""
-    rt = engine.rt
-    return spec.output_identity(rt.device.type, str(rt.compute_dtype), str(rt.storage_dtype))
+    return spec.output_identity(engine.device.type, str(engine.compute_dtype), str(engine.storage_dtype))
 
 
 def release(spec: EngineSpec) -> None:

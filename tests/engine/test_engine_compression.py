@@ -35,9 +35,9 @@ def _weights_and_reads(policy: Policy, tmp_path) -> tuple[int, int, int]:
     """Stored weight bytes, disk bytes read by a short run, and the bytes of the tables it reads by row."""
     disk = policy.with_percent(0, 0, 100, 0, 100, 0)
     with Engine.load("opt-125m", weights="dummy", policy=disk, offload_dir=tmp_path) as eng:
-        stored = eng.rt.tiers["disk"].used
-        by_row = sum(sw.codec.nbytes for pos, spec in enumerate(eng.rt.specs) for n, sw in eng.rt.weights[pos].items()
-                     if spec.kind == "embed" and n in eng.rt.plans[pos].read_at_use)
+        stored = eng.held_bytes["disk"]
+        by_row = sum(sw.codec.nbytes for pos, spec in enumerate(eng._rt.specs) for n, sw in eng._rt.weights[pos].items()
+                     if spec.kind == "embed" and n in eng._rt.plans[pos].read_at_use)
         eng.generate([[5] * 16], max_new_tokens=3)
         return stored, eng.stats.bytes_read["disk"], by_row
 

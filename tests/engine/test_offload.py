@@ -53,8 +53,8 @@ def test_weights_on_disk_are_read_once_per_block_step(tiny_models, tmp_path, dir
     worker reads the next layer ahead (direct reads)."""
     policy = Policy(gpu_batch_size=2, num_gpu_batches=2, direct_io=direct_io).with_percent(0, 0, 100, 0, 100, 0)
     with Engine.load(tiny_models["opt"], policy=policy, offload_dir=tmp_path) as eng:
-        weights = eng.rt.tiers["disk"].used
-        embed, spec = eng.rt.weights[0], eng.rt.specs[0]
+        weights = eng.held_bytes["disk"]
+        embed, spec = eng._rt.weights[0], eng._rt.specs[0]
         tables = {n: sw.codec for n, sw in embed.items() if n in spec.tables}
         eng.generate(MIXED, max_new_tokens=3)  # one block of 4 rows (2 GPU batches), 3 forward passes
         lookups = eng.stats.bytes_read["disk"] - 3 * (weights - sum(c.nbytes for c in tables.values()))
@@ -64,8 +64,8 @@ def test_weights_on_disk_are_read_once_per_block_step(tiny_models, tmp_path, dir
         assert eng.stats.peak_bytes["disk"] == weights
         layer_staging = max(sum(DiskStore.staging_bytes(sw.codec.nbytes) for n, sw in layer.items()
                                 if not (spec.kind == "embed" and n in spec.tables))
-                            for layer, spec in zip(eng.rt.weights, eng.rt.specs, strict=True))
-        assert eng.rt.tiers["cpu"].used == (2 if direct_io else 1) * layer_staging
+                            for layer, spec in zip(eng._rt.weights, eng._rt.specs, strict=True))
+        assert eng.held_bytes["cpu"] == (2 if direct_io else 1) * layer_staging
 
 
 def test_budget_refused_up_front_for_opt_175b():
@@ -92,7 +92,7 @@ def test_gpu_and_cpu_tiers_share_host_memory_without_a_gpu(tiny_models, tmp_path
     """Each budget alone fits, but both tiers are the same RAM: the plan is refused, not OOM-killed."""
     policy = Policy().with_percent(50, 50, 100, 0, 100, 0)
     with Engine.load(tiny_models["opt"], policy=policy, offload_dir=tmp_path) as eng:
-        need = eng.rt.tiers["gpu"].used + eng.rt.tiers["cpu"].used
+        need = eng.held_bytes["gpu"] + eng.held_bytes["cpu"]
     monkeypatch.setattr("engine.memory.available_ram", lambda: need - 1)
     with pytest.raises(UserError, match=r"gpu \+ cpu tiers \(both host memory here\) need .* available"):
         Engine.load(tiny_models["opt"], policy=policy, offload_dir=tmp_path, gpu_mem="1GiB", cpu_mem="1GiB")
@@ -104,7 +104,7 @@ def test_offload_files_removed_and_stale_folders_cleaned(tiny_models, tmp_path):
     (stale / "x.bin").write_bytes(b"0" * 10)
     eng = Engine.load(tiny_models["opt"], policy=Policy().with_percent(0, 0, 50, 0, 50, 0), offload_dir=tmp_path)
     assert not stale.exists()
-    folder = eng.rt.tiers["disk"].folder
+    folder = eng.offload_folder
     assert any(folder.iterdir())
     eng.close()
     assert not folder.exists()

@@ -36,13 +36,13 @@ def _elem(dtype: torch.dtype) -> int:
 def _assert_tiers_hold_what_the_shapes_say(folder, policy: Policy, tmp_path) -> dict[str, int]:
     """Run MIXED under `policy` and compare each tier's peak and writes with the expected bytes; return the writes."""
     with Engine.load(folder, policy=policy, offload_dir=tmp_path) as eng:
-        loaded = {t: eng.rt.tiers[t].used for t in TIERS}  # weights and buffers, there before and after
+        loaded = {t: eng.held_bytes[t] for t in TIERS}  # weights and buffers, there before and after
         outs = eng.generate(MIXED, max_new_tokens=NEW)
         assert all(o.finish_reason == "length" for o in outs)  # so every block ran all NEW passes
-        exp = expected_bytes(eng.config, policy, [len(p) for p in MIXED], NEW, _elem(eng.rt.storage_dtype),
-                             _elem(eng.rt.compute_dtype))
+        exp = expected_bytes(eng.config, policy, [len(p) for p in MIXED], NEW, _elem(eng.storage_dtype),
+                             _elem(eng.compute_dtype))
         held = {t: eng.stats.peak_bytes[t] - loaded[t] for t in TIERS}
-        assert {t: eng.rt.tiers[t].used for t in TIERS} == loaded  # the run gave back all it took
+        assert {t: eng.held_bytes[t] for t in TIERS} == loaded  # the run gave back all it took
     assert held["gpu"] == exp.peak["gpu"] and held["cpu"] == exp.peak["cpu"], (held, exp.peak)
     assert exp.peak["disk"] <= held["disk"] <= exp.disk_peak_most, (held, exp)
     assert eng.stats.bytes_written == exp.written

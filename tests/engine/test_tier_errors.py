@@ -67,7 +67,7 @@ def test_offload_folder_is_made_when_first_needed_and_removed_with_the_parents_i
     with Engine.load(tiny_models["opt"], offload_dir=offload):  # everything on the gpu tier: no file needed
         assert not (tmp_path / "nvme").exists()
     with Engine.load(tiny_models["opt"], policy=ALL_DISK, offload_dir=offload) as eng:
-        assert eng.rt.tiers["disk"].folder.parent == offload and any(eng.rt.tiers["disk"].folder.iterdir())
+        assert eng.offload_folder.parent == offload and any(eng.offload_folder.iterdir())
     assert not (tmp_path / "nvme").exists()
     # a parent that holds something else by then stays, with it
     with Engine.load(tiny_models["opt"], policy=ALL_DISK, offload_dir=offload):
@@ -87,13 +87,13 @@ def test_offload_folder_is_made_when_first_needed_and_removed_with_the_parents_i
 def test_a_block_whose_kv_cache_does_not_fit_is_refused_before_it_runs(tiny_models, tmp_path, tier):
     with Engine.load(tiny_models["opt"], policy=CACHE_ON[tier], offload_dir=tmp_path,
                      **FITS_A_SHORT_BLOCK[tier]) as eng:
-        loaded = {t: eng.rt.tiers[t].used for t in TIERS}
+        loaded = {t: eng.held_bytes[t] for t in TIERS}
         with pytest.raises(UserError) as err:
             eng.generate(LONG, max_new_tokens=20)
         text = one_line(err)
         assert text.startswith(f"the KV cache and activations of a block do not fit: {tier} needs "), text
         assert "--percent" in text
-        assert {t: eng.rt.tiers[t].used for t in TIERS} == loaded
+        assert {t: eng.held_bytes[t] for t in TIERS} == loaded
         assert len(eng.generate(SHORT, max_new_tokens=2)[0].token_ids) == 2  # a smaller block still runs
 
 
@@ -150,14 +150,14 @@ def _full_disk(monkeypatch) -> None:
 def test_a_refused_run_gives_back_what_it_took_and_the_engine_runs_on(tiny_models, tmp_path, monkeypatch, tier,
                                                                       cause, prompts):
     with Engine.load(tiny_models["opt"], policy=CACHE_ON[tier], offload_dir=tmp_path, **FITS_THE_MODEL[tier]) as eng:
-        loaded = {t: eng.rt.tiers[t].used for t in TIERS}
+        loaded = {t: eng.held_bytes[t] for t in TIERS}
         expected = eng.generate(SHORT, max_new_tokens=2)[0].token_ids
         with monkeypatch.context() as patch:
             cause(patch)
             with pytest.raises(UserError):
                 eng.generate(prompts, max_new_tokens=20)
-        assert {t: eng.rt.tiers[t].used for t in TIERS} == loaded
-        assert nothing_left(eng.rt.tiers["disk"].folder or tmp_path)
+        assert {t: eng.held_bytes[t] for t in TIERS} == loaded
+        assert nothing_left(eng.offload_folder or tmp_path)
         assert eng.generate(SHORT, max_new_tokens=2)[0].token_ids == expected
 
 
