@@ -25,7 +25,8 @@ LAYERS = {
     "scenarios": 6, "harness": 7,
 }
 # Packages worth importing only when used: seconds to import, or optional at run time.
-HEAVY = {"helm", "transformers", "lm_eval", "ray", "accelerate", "matplotlib", "nltk", "nbformat", "nbclient"}
+HEAVY = {"helm", "transformers", "lm_eval", "ray", "accelerate", "matplotlib", "nltk", "nbformat", "nbclient",
+         "flexgen"}
 
 
 def modules() -> dict[str, Path]:
