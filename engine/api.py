@@ -15,16 +15,23 @@ from engine.config import ModelConfig
 from engine.errors import UserError
 from engine.generation import Generation, GenerationStats
 from engine.models.registry import adapter_for
-from engine.placement import place_layer_weights
-from engine.policy import TIERS, Policy, parse_size, torch_dtype
-from engine.quant import int4_kernel
-from engine.quant.codec import WeightCodec
-from engine.quant.groupwise import QuantSpec
+from engine.policy import TIERS, Policy, parse_size
 from engine.runtime import LayerPlan, Runtime, StoredWeight, allocate_buffers
 from engine.sampling import choose, find_stop, row_generator
 from engine.schedule import Rows, run_block
+from engine.storage.host_memory import available_ram
 from engine.storage.tiers import make_tiers
 from engine.weights import load_tokenizer, resolve, stream_dummy, stream_folder
+
+
+def _spelled_device(name: str | torch.device | None) -> torch.device:
+    try:
+        dev = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use cpu or cuda[:N]") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"device {name!r} is not supported; use cpu or cuda[:N]")
+    return dev
 
 
 def compute_device(name: str | torch.device | None) -> torch.device:
@@ -34,14 +41,9 @@ def compute_device(name: str | torch.device | None) -> torch.device:
     every CPU tensor none; a device kept as the user spelled it makes data already in place look
     elsewhere, and buffers sized from the two spellings disagree.
     """
-    try:
-        dev = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use cpu or cuda[:N]") from None
+    dev = _spelled_device(name)
     if dev.type == "cpu":
         return torch.device("cpu")
-    if dev.type != "cuda":
-        raise UserError(f"device {name!r} is not supported; use cpu or cuda[:N]")
     if not torch.cuda.is_available():
         raise UserError(f"device {name!r} requested but no CUDA GPU is available; leave --device unset")
     index = torch.cuda.current_device() if dev.index is None else dev.index
@@ -50,10 +52,25 @@ def compute_device(name: str | torch.device | None) -> torch.device:
     return torch.device("cuda", index)
 
 
-def _dtype(name: str | None, device: torch.device) -> torch.dtype:
-    if name is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return torch_dtype(name)
+def plan_device(name: str | torch.device | None) -> torch.device:
+    """The device a plan is for, spelled as compute_device spells it, also where this machine has no GPU:
+    a GPU run is sized before the GPU is at hand."""
+    dev = _spelled_device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return torch.device("cuda", dev.index or 0)
+    return compute_device(dev)
+
+
+def _gpu_budget(device: torch.device, gpu_mem: int | None) -> int:
+    """The gpu tier's budget as make_tiers sets it: the device's free memory (host RAM without a GPU)."""
+    if gpu_mem is not None:
+        return gpu_mem
+    if device.type != "cuda":
+        return available_ram()
+    if not torch.cuda.is_available():
+        raise UserError(f"planning for {device} on a machine without a GPU needs its budget: pass gpu_mem "
+                        "(--gpu-mem)")
+    return torch.cuda.mem_get_info(device)[0]
 
 
 class Engine:
@@ -116,6 +133,32 @@ class Engine:
 
     # -- loading ---------------------------------------------------------------------------------------
     @classmethod
+    def plan(cls, model: str | os.PathLike, policy: Policy | None = None, weights: str | None = None,
+             device: str | None = None, gpu_mem: int | str | None = None, cpu_mem: int | str | None = None,
+             disk_mem: int | str | None = None, offload_dir: str | os.PathLike | None = None, *, prompt_len: int,
+             gen_len: int, num_prompts: int | None = None, echo_prompt: bool = False) -> memory.MemoryPlan:
+        """Peak bytes per tier of loading `model` and generating `gen_len` tokens for `num_prompts` prompts of
+        `prompt_len` tokens (default: one full block), against the budgets. Allocates nothing, creates no folder.
+
+        The arguments mean what they mean to `load`, which books exactly the plan's weights and buffers.
+        `device` may be a GPU this machine lacks ("cuda"): the plan then needs `gpu_mem`.
+        """
+        policy = policy or Policy()
+        cfg, _ = resolve(model, weights)
+        rows = policy.block_size if num_prompts is None else num_prompts
+        if prompt_len < 1 or gen_len < 0 or rows < 1:
+            raise UserError("a plan needs prompt_len >= 1, gen_len >= 0 and num_prompts >= 1")
+        if prompt_len + gen_len > cfg.max_positions:
+            raise UserError(f"prompt_len {prompt_len} + gen_len {gen_len} exceeds the model's context of "
+                            f"{cfg.max_positions}")
+        dev = plan_device(device)
+        budgets = {"gpu": _gpu_budget(dev, parse_size(gpu_mem)),
+                   "cpu": parse_size(cpu_mem) if cpu_mem is not None else available_ram(),
+                   "disk": parse_size(disk_mem) if disk_mem is not None else memory.free_disk(offload_dir)}
+        return memory.plan(cfg, policy, dev, budgets, None if dev.type == "cuda" else available_ram(),
+                           prompt_len=prompt_len, gen_len=gen_len, rows=rows, echo=echo_prompt)
+
+    @classmethod
     def load(cls, model: str | os.PathLike, policy: Policy | None = None, weights: str | None = None,
              device: str | None = None, offload_dir: str | os.PathLike | None = None,
              gpu_mem: int | str | None = None, cpu_mem: int | str | None = None,
@@ -126,11 +169,16 @@ class Engine:
         dev = compute_device(device)
         if policy.threads:
             torch.set_num_threads(policy.threads)
-        compute, storage = _dtype(policy.compute_dtype, dev), _dtype(policy.storage_dtype or policy.compute_dtype, dev)
+        memory.return_freed_memory()
+        compute, storage = memory.dtypes(policy, dev)
+        lay = memory.layout(cfg, policy, dev, compute, storage)
         tiers = make_tiers(dev, parse_size(gpu_mem), parse_size(cpu_mem), offload_dir, parse_size(disk_mem),
                            policy.direct_io, policy.pin_weight)
         try:
-            rt = cls._place(cfg, policy, tiers, dev, compute, storage, folder, seed)
+            loaded = {t: lay.weights[t] + lay.buffers[t] for t in TIERS}
+            memory.check(loaded, {t: tiers[t].capacity for t in TIERS}, f"{cfg.name or 'model'} does not fit", dev,
+                         loaded["gpu"] + loaded["cpu"] + lay.loading)
+            rt = cls._place(cfg, policy, lay, tiers, dev, compute, storage, folder, seed)
             tok = load_tokenizer(folder, cfg, tokenizer)
         except BaseException:
             tiers["disk"].close()
@@ -138,44 +186,27 @@ class Engine:
         return cls(rt, tok, str(folder) if folder else f"{cfg.name}:dummy")
 
     @staticmethod
-    def _place(cfg, policy, tiers, dev, compute, storage, folder, seed) -> Runtime:
-        adapter = adapter_for(cfg)
-        specs = adapter.layer_specs(cfg)
-        wquant = QuantSpec(policy.comp_weight_bits, policy.comp_weight_group) if policy.compress_weight else None
-        placed = []
-        for spec in specs:
-            codecs = {n: WeightCodec(s, storage, wquant if len(s) == 2 else None, policy.comp_weight_dim,
-                                     fused=policy.fused_int4 and n not in spec.tables
-                                     and int4_kernel.supported(s, wquant, policy.comp_weight_dim, dev))
-                      for n, s in spec.shapes.items()}
-            where = place_layer_weights({n: c.nbytes for n, c in codecs.items()}, policy)
-            placed.append({n: (where[n], codecs[n]) for n in codecs})
-        need = memory.weight_bytes(placed)
-        at_use = [memory.read_at_use(layer, spec, dev, policy)
-                  for layer, spec in zip(placed, specs, strict=True)]
-        work = memory.working_bytes(placed, specs, dev, compute, at_use, policy)
-        total = {t: need[t] + work[t] for t in TIERS}
-        memory.check(total, {t: tiers[t].capacity for t in TIERS}, f"{cfg.name or 'model'} does not fit", dev)
+    def _place(cfg, policy, lay: memory.Layout, tiers, dev, compute, storage, folder, seed) -> Runtime:
+        """Store every weight where the layout says, allocate its buffers, and stream the weights in."""
+        specs = lay.specs
         stored = [{n: StoredWeight(t, tiers[t].store(c.nbytes, f"{spec.name}.{n}"), c) for n, (t, c) in layer.items()}
-                  for spec, layer in zip(specs, placed, strict=True)]
-        buffers = allocate_buffers(tiers, dev, work, memory.buffer_slots(dev, policy))
+                  for spec, layer in zip(specs, lay.placed, strict=True)]
+        buffers = allocate_buffers(tiers, dev, lay.buffers, lay.slots)
         # Workers take direct disk reads, and on a GPU any disk reads, uploads and decoding (schedule.LayerLoad).
         cuda = dev.type == "cuda"
         plans = []
-        for layer, spec, names in zip(placed, specs, at_use, strict=True):
+        for layer, spec, names in zip(lay.placed, specs, lay.at_use, strict=True):
             tables = memory.tables_at_use(spec, names)
             background = ((memory.layer_staging_bytes(layer, tables) > 0 and (policy.direct_io or cuda))
                           or (cuda and memory.layer_working_bytes(layer, spec.tables, dev, compute, tables) > 0))
             plans.append(LayerPlan(names, background))
-        rt = Runtime(cfg, adapter, specs, stored, plans, tiers, policy, dev, compute, storage,
-                     ThreadPoolExecutor(max_workers=2, thread_name_prefix="flexhelm-io"),
-                     QuantSpec(policy.comp_cache_bits, policy.comp_cache_group) if policy.compress_cache else None,
-                     torch.cuda.Stream(dev) if cuda else None, buffers["gpu"], buffers["cpu"],
-                     memory.table_scratch_bytes(placed, specs, at_use, dev, compute))
+        rt = Runtime(cfg, adapter_for(cfg), specs, stored, plans, tiers, policy, dev, compute, storage,
+                     ThreadPoolExecutor(max_workers=2, thread_name_prefix="flexhelm-io"), memory.cache_quant(policy),
+                     torch.cuda.Stream(dev) if cuda else None, buffers["gpu"], buffers["cpu"], lay.table_scratch)
 
         def sink(pos: int, name: str, tensor: torch.Tensor) -> None:
             sw = stored[pos][name]
-            sw.store.write(0, sw.codec.encode(tensor.to(dev) if wquant is not None else tensor))
+            sw.store.write(0, sw.codec.encode(tensor.to(dev) if policy.compress_weight else tensor))
             progress.update(1)
 
         total_tensors = sum(len(s.shapes) for s in specs)
@@ -207,7 +238,7 @@ class Engine:
             if len(row) + max_new_tokens > cfg.max_positions:
                 raise UserError(f"prompt {i} has {len(row)} tokens; with {max_new_tokens} new tokens that exceeds "
                                 f"the model's context of {cfg.max_positions}; shorten it or lower max_new_tokens")
-        states = [_RowState(seed, i) for i in range(len(ids))]
+        states = [_RowState(seed, i, rt.device) for i in range(len(ids))]
         stats = GenerationStats(prompt_tokens=sum(len(r) for r in ids), block_size=policy.block_size)
         for tier in rt.tiers.values():
             tier.reset_counters()
@@ -262,19 +293,27 @@ class Engine:
             out.append(list(p))
         return out
 
-    def _check_block_memory(self, blocks: list[list[list[int]]], lengths: list[int], steps: int) -> None:
+    def _check_block_memory(self, blocks: list[list[list[int]]], lengths: list[int], steps: int,
+                            echo: bool = False) -> None:
+        """Refuse, before it runs, a call whose largest block does not fit beside the loaded model: its KV cache,
+        activations and transients as Engine.plan counts them."""
         rt = self._rt
-        elem = torch.empty((), dtype=rt.compute_dtype).element_size()
         worst = memory.zero()
         for block in blocks:
             shapes = [(len(b), max(lengths[i] for i in b)) for b in block]
-            need = memory.block_bytes(rt.cfg, rt.policy, shapes, steps, rt.storage_dtype, elem, rt.cache_quant,
-                                      rt.table_scratch)
+            need = memory.block_bytes(rt.cfg, rt.policy, shapes, steps, rt.storage_dtype,
+                                      memory.elem_bytes(rt.compute_dtype), rt.cache_quant, rt.table_scratch,
+                                      rt.device, len(lengths), echo)
             worst = {t: max(worst[t], need[t]) for t in TIERS}
         free = {t: rt.tiers[t].capacity - rt.tiers[t].used for t in TIERS}
         memory.check(worst, free, "the KV cache and activations of a block do not fit", rt.device)
 
     def _on_step(self, batches, states, max_new, temperature, top_p, top_k, stops):
+        """The step callback of `run_block`: tokens are chosen on the device and read back once per step.
+
+        A finished row is fed the token it chose, like the others: its outputs are dropped and rows never
+        mix, so nothing of the host's bookkeeping has to go back to the device.
+        """
         tok, eos = self.tokenizer, set(self.config.eos_token_id)
         filler = self.config.pad_token_id or 0
 
@@ -285,20 +324,21 @@ class Engine:
                 for r, state, n in zip(range(len(rows)), rows, batches[k].mask.sum(-1).tolist(), strict=True):
                     state.prompt_logprobs = lp[r][len(lp[r]) - (n - 1):] if n > 1 else []
             if max_new == 0:
-                return torch.full((len(rows),), filler), True
+                return torch.full((len(rows),), filler, device=last.device), True
             nxt = choose(last, temperature, top_p, top_k, [s.generator for s in rows])
-            chosen = last.gather(-1, nxt.to(last.device)[:, None])[:, 0].cpu().tolist()
-            for state, token, lp in zip(rows, nxt.tolist(), chosen, strict=True):
+            # one read-back: token ids and their log-probs together (float64 holds every id exactly)
+            tokens, chosen = torch.stack((nxt.double(), last.gather(-1, nxt[:, None])[:, 0].double())).tolist()
+            for state, token, lp in zip(rows, tokens, chosen, strict=True):
                 if not state.done:
-                    state.add(token, lp, eos, stops, tok, max_new)
-            return nxt.masked_fill(torch.tensor([s.done for s in rows]), filler), all(s.done for s in rows)
+                    state.add(int(token), lp, eos, stops, tok, max_new)
+            return nxt, all(s.done for s in rows)
 
         return on_step
 
 
 class _RowState:
-    def __init__(self, seed: int, row: int):
-        self.generator = row_generator(seed, row)
+    def __init__(self, seed: int, row: int, device: torch.device):
+        self.generator = row_generator(seed, row, device)
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
         self.prompt_logprobs: list[float] | None = None

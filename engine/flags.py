@@ -127,5 +127,6 @@ def load_engine(args: argparse.Namespace, *, prompt_len: int, gen_len: int,
     policy = resolve_policy(args, prompt_len=prompt_len, gen_len=gen_len, max_block_size=max_block_size)
     return Engine.load(args.model, policy=policy, weights=getattr(args, "weights", None),
                        device=getattr(args, "device", None), offload_dir=args.offload_dir,
-                       gpu_mem=parse_size(args.gpu_mem), cpu_mem=parse_size(args.cpu_mem))
+                       gpu_mem=parse_size(args.gpu_mem), cpu_mem=parse_size(args.cpu_mem),
+                       disk_mem=parse_size(getattr(args, "disk_mem", None)))
 

@@ -6,6 +6,7 @@ import itertools
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -14,7 +15,9 @@ from engine.models.base import LayerSpec, ModelAdapter
 from engine.policy import Policy
 from engine.quant.codec import WeightCodec
 from engine.quant.groupwise import QuantSpec
+from engine.quant.int4_kernel import PackedLinear
 from engine.storage.tiers import DiskStore, MemoryStore, Tier, aligned_empty
+from engine.tables import Table
 
 Store = MemoryStore | DiskStore
 
@@ -58,6 +61,32 @@ class Runtime:
     staging: list[torch.Tensor]  # aligned host buffers for disk reads
     table_scratch: dict[str, int]  # per tier: chunks of vocabulary tables in use (memory.table_scratch_bytes)
     loads: Iterator[int] = field(default_factory=itertools.count)  # numbers layer loads, which alternate slots
+    # Per layer, the weights used where they are stored (the gpu tier, already in compute form), bound
+    # once here as views of their stores, and the rest, which every use of the layer loads again. A
+    # layer with nothing to load costs a decode step no views, buffers or copies.
+    bound: list[dict[str, Any]] = field(init=False)
+    streamed: list[dict[str, StoredWeight]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        bound: list[dict[str, Any]] = [{} for _ in self.weights]
+        for pos, layer in enumerate(self.weights):
+            for name, sw in layer.items():
+                table = name in self.specs[pos].tables
+                if self.resident(sw, table):
+                    data = sw.store.read(0, sw.codec.nbytes)
+                    bound[pos][name] = compute_form(self, sw.codec, table, data, data[:0])
+        object.__setattr__(self, "bound", bound)
+        object.__setattr__(self, "streamed", [{n: sw for n, sw in layer.items() if n not in b}
+                                              for layer, b in zip(self.weights, bound, strict=True)])
+
+    def resident(self, sw: StoredWeight, table: bool) -> bool:
+        """Whether a weight is used as it is stored: in memory on the compute device, in compute form.
+
+        Only the gpu tier's: a view of the cpu tier (the same memory on a CPU) is still counted as a read
+        of that tier at every use, as the transfer it is on a GPU.
+        """
+        return (sw.tier == "gpu" and isinstance(sw.store, MemoryStore) and sw.store.buf.device == self.device
+                and sw.codec.working_room(table, self.device, self.device, self.compute_dtype) == 0)
 
     def table_at_use(self, pos: int, name: str) -> bool:
         """Whether weight `name` of layer `pos` is a table read from disk where used, by row or chunk."""
@@ -76,6 +105,18 @@ class Runtime:
         return fut
 
 
+def compute_form(rt: Runtime, codec: WeightCodec, table: bool, data: torch.Tensor | Callable[[], torch.Tensor],
+                 buf: torch.Tensor) -> torch.Tensor | Table | PackedLinear:
+    """A weight's stored bytes (or the function that reads them) in compute form: decoded into `buf` if it
+    has room, else used in place."""
+    data = data() if callable(data) else data
+    if table:  # kept in stored form, decoded a slice at a time where it is used
+        return Table(buf[:data.numel()].copy_(data, non_blocking=True) if buf.numel() else data, codec,
+                     rt.compute_dtype)
+    if codec.fused:  # multiplied from its packed bytes, or decoded into buf for large products
+        return PackedLinear(data, codec.shape, codec.quant, codec.working(buf, rt.compute_dtype))
+    return codec.decode(data, rt.device, rt.compute_dtype,
+                        out=codec.working(buf, rt.compute_dtype) if buf.numel() else None)
 
 
 def allocate_buffers(tiers: dict[str, Tier], device: torch.device, nbytes: dict[str, int],

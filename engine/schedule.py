@@ -13,15 +13,14 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from engine.kv_cache import Activation, LayerCache
 from engine.models.layers import linear
-from engine.quant.codec import WeightCodec
 from engine.quant.int4_kernel import PackedLinear
-from engine.runtime import Runtime
+from engine.runtime import Runtime, compute_form
 from engine.storage.tiers import DiskStore
 from engine.tables import Table
 
@@ -33,10 +32,6 @@ class Rows:
     index: list[int]
     ids: torch.Tensor  # (b, L) long
     mask: torch.Tensor  # (b, L) bool, False on left pads
-    valid: torch.Tensor = field(init=False)  # (b, L + steps) key validity, grows with the steps
-
-    def __post_init__(self) -> None:
-        self.valid = self.mask.clone()
 
 
 # -- weights -----------------------------------------------------------------------------------------
@@ -60,13 +55,14 @@ class DeferredLinear:
 
 
 def read_layer(rt: Runtime, pos: int, slot: int) -> dict[str, torch.Tensor | DiskStore | Callable]:
-    """Stored bytes of layer `pos`: disk weights read into the slot's staging buffer, the rest viewed in place.
+    """Stored bytes of the weights of layer `pos` that are loaded at each use (`Runtime.streamed`): disk
+    weights read into the slot's staging buffer, the rest viewed in place.
 
     A disk weight read at its use (`Runtime.read_at_use`) comes back unread: a table as its store,
     which it reads by row or chunk, any other weight as a function that reads it into its staging room.
     """
     staging, staged, out = rt.staging[slot % len(rt.staging)], 0, {}
-    for name, sw in rt.weights[pos].items():
+    for name, sw in rt.streamed[pos].items():
         if not isinstance(sw.store, DiskStore):
             out[name] = sw.store.read(0, sw.codec.nbytes)
         elif rt.table_at_use(pos, name):
@@ -97,25 +93,12 @@ def decode_layer(rt: Runtime, pos: int, slot: int, stored: dict[str, torch.Tenso
             room = codec.working_room(table, on, rt.device, rt.compute_dtype)
             buf, used = working[used:used + room], used + room
             if callable(data):
-                out[name] = DeferredLinear(functools.partial(_compute_form, rt, codec, table, data, buf))
+                out[name] = DeferredLinear(functools.partial(compute_form, rt, codec, table, data, buf))
             else:
-                out[name] = _compute_form(rt, codec, table, data, buf)
+                out[name] = compute_form(rt, codec, table, data, buf)
     if rt.copy_stream is not None:
         rt.copy_stream.synchronize()
     return out
-
-
-def _compute_form(rt: Runtime, codec: WeightCodec, table: bool, data: torch.Tensor | Callable,
-                  buf: torch.Tensor) -> torch.Tensor | Table | PackedLinear:
-    """A weight's stored bytes (or the function that reads them) in compute form, decoded into `buf` if it has room."""
-    data = data() if callable(data) else data
-    if table:  # kept in stored form, decoded a slice at a time where it is used
-        return Table(buf[:data.numel()].copy_(data, non_blocking=True) if buf.numel() else data, codec,
-                     rt.compute_dtype)
-    if codec.fused:  # multiplied from its packed bytes, or decoded into buf for large products
-        return PackedLinear(data, codec.shape, codec.quant, codec.working(buf, rt.compute_dtype))
-    return codec.decode(data, rt.device, rt.compute_dtype,
-                        out=codec.working(buf, rt.compute_dtype) if buf.numel() else None)
 
 
 class LayerLoad:
@@ -130,14 +113,18 @@ class LayerLoad:
     needed) always go to a worker.
     """
 
-    def __init__(self, rt: Runtime, pos: int, ready: torch.cuda.Event | None):
-        self.rt, self.pos, self.slot, self.ready = rt, pos, next(rt.loads) % 2, ready
+    def __init__(self, rt: Runtime, pos: int):
+        self.rt, self.pos, self.future = rt, pos, None
+        self.moves = bool(rt.streamed[pos])  # a layer whose weights are all bound (Runtime.bound) has no work
+        if not self.moves:
+            return
+        # on a GPU, the compute enqueued so far: the slot's previous layer may be overwritten after it
+        self.slot, self.ready = next(rt.loads) % 2, _compute_done(rt)
         self.decoded = rt.copy_stream is not None
-        self.future: Future | None = None
         if rt.policy.overlap and rt.plans[pos].background:
             self.future = rt.io.submit(self._load)
         elif rt.policy.overlap:
-            for name, sw in rt.weights[pos].items():
+            for name, sw in rt.streamed[pos].items():
                 if isinstance(sw.store, DiskStore) and not rt.table_at_use(pos, name):
                     sw.store.prefetch(0, sw.codec.nbytes)
 
@@ -146,8 +133,11 @@ class LayerLoad:
         return decode_layer(self.rt, self.pos, self.slot, stored, self.ready) if self.decoded else stored
 
     def result(self) -> dict[str, torch.Tensor | Table | PackedLinear]:
+        bound = self.rt.bound[self.pos]
+        if not self.moves:
+            return bound
         done = self.future.result() if self.future is not None else self._load()
-        return done if self.decoded else decode_layer(self.rt, self.pos, self.slot, done)
+        return {**bound, **(done if self.decoded else decode_layer(self.rt, self.pos, self.slot, done))}
 
     def wait(self) -> None:
         if self.future is not None:
@@ -157,28 +147,42 @@ class LayerLoad:
 # -- the block ---------------------------------------------------------------------------------------------
 
 # on_step(batch_no, step, last_logprobs (b, V) fp32, prompt_logprobs (b, L-1) or None)
-#   -> next token ids (b,) and whether every row of the batch has finished
+#   -> next token ids (b,) on the compute device, and whether every row of the batch has finished
 OnStep = Callable[[int, int, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, bool]]
 
 
 @dataclass
 class _StepCtx:
-    positions: torch.Tensor
-    allowed: torch.Tensor
+    positions: torch.Tensor  # (b, s) long
+    allowed: torch.Tensor | None  # (b, s, t) bool: the keys each query may attend to; None: causal, no pads
 
 
-def _step_ctx(rows: Rows, step: int, device: torch.device) -> _StepCtx:
-    mask = rows.mask.to(device)
-    if step == 0:
+class _Steps:
+    """One GPU batch's positions and key masks, made on the compute device once per block.
+
+    Each pass then takes a slice: a decode step adds one key, valid in every row, so its mask is a view
+    and its positions one add, with nothing built per layer and nothing uploaded per step. A batch
+    without pads needs no mask at all (engine.models.layers.attention), which lets SDPA pick its
+    fused kernels.
+    """
+
+    def __init__(self, rows: Rows, steps: int, device: torch.device):
+        mask = rows.mask.to(device)
+        b, self.width = mask.shape
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        q_slots = torch.arange(mask.shape[1], device=device)
-    else:
-        positions = (mask.long().sum(-1, keepdim=True) + step - 1)
-        q_slots = torch.tensor([mask.shape[1] + step - 1], device=device)
-    valid = rows.valid.to(device)
-    keys = torch.arange(valid.shape[1], device=device)
-    allowed = valid[:, None, :] & (keys[None, None, :] <= q_slots[None, :, None])
-    return _StepCtx(positions, allowed)
+        self.last = positions[:, -1:]  # each row's last prompt position
+        self.valid: torch.Tensor | None = None  # key slots: the prompt's, then one per step
+        if bool(rows.mask.all()):
+            self.prefill = _StepCtx(positions, None)
+        else:
+            self.valid = torch.cat([mask, mask.new_ones(b, steps)], dim=1)
+            causal = mask.new_ones(self.width, self.width).tril()
+            self.prefill = _StepCtx(positions, self.valid[:, None, :self.width] & causal)
+
+    def at(self, step: int) -> _StepCtx:
+        if step == 0:
+            return self.prefill
+        return _StepCtx(self.last + step, None if self.valid is None else self.valid[:, None, :self.width + step])
 
 
 def run_block(rt: Runtime, batches: list[Rows], steps: int, echo: bool, on_step: OnStep,
@@ -200,19 +204,17 @@ def run_block(rt: Runtime, batches: list[Rows], steps: int, echo: bool, on_step:
                 caches[-1].append(LayerCache(rt, len(r.index), r.ids.shape[1] + steps))
         for r in batches:
             acts.append(Activation(rt, len(r.index) * r.ids.shape[1] * cfg.hidden))
-        next_layer = LayerLoad(rt, 0, _compute_done(rt))
+        next_layer = LayerLoad(rt, 0)
+        masks = [_Steps(r, steps, rt.device) for r in batches]
         for step in range(steps):
             start = time.perf_counter()
-            if step > 0:
-                for r in batches:
-                    r.valid = torch.cat([r.valid, torch.ones(len(r.index), 1, dtype=torch.bool)], dim=1)
-            ctxs = [_step_ctx(r, step, rt.device) for r in batches]
+            ctxs = [m.at(step) for m in masks]
             for pos, spec in enumerate(rt.specs):
                 w = next_layer.result()
                 next_layer = None
                 if not (step == steps - 1 and pos == n_layers - 1):
                     nxt = (pos + 1) % n_layers
-                    next_layer = LayerLoad(rt, nxt, _compute_done(rt))
+                    next_layer = LayerLoad(rt, nxt)
                 fetch = _fetch(rt, caches[spec.index][0]) if spec.kind == "decoder" else None
                 for k, rows in enumerate(batches):
                     if spec.kind == "embed":
@@ -229,7 +231,7 @@ def run_block(rt: Runtime, batches: list[Rows], steps: int, echo: bool, on_step:
                     else:
                         last_lp, prompt_lp = _head(rt, w, x, rows, echo and step == 0)
                         nxt, finished[k] = on_step(k, step, last_lp, prompt_lp)
-                        inputs[k] = nxt.to(rt.device).view(-1, 1)
+                        inputs[k] = nxt.view(-1, 1)
                 del w
             if rt.device.type == "cuda":
                 torch.cuda.synchronize(rt.device)

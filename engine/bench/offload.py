@@ -323,6 +323,13 @@ def conditions(args: argparse.Namespace, roof: dict, cgroup, records: list[RunRe
     ])
 
 
+def failures(records: list[RunRecord]) -> str | None:
+    """None when every run finished ok, else one line naming those that did not and why (oom, timeout, ...):
+    a row that ran out of memory must fail the benchmark, not only show in its table."""
+    bad = [f"{r.key} r{r.repeat}: {r.status}" for r in records if r.status != "ok"]
+    return f"{len(bad)} of {len(records)} runs did not finish ok ({', '.join(bad)})" if bad else None
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
@@ -361,10 +368,8 @@ def main(argv: list[str] | None = None) -> None:
     header, body = table(rows, args, roof, ckpt_bytes)
     markdown = markdown_table(header, body) + "\n\n" + conditions(args, roof, cgroup, records, cpus)
     print(markdown)
-    failed = [r for r in records if r.status != "ok"]
-    if failed:
-        print(f"\nlogs of failed runs are kept in {workdir}")
-    else:
+    failed = failures(records)
+    if not failed:
         shutil.rmtree(workdir, ignore_errors=True)
     if not args.no_save:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -373,3 +378,5 @@ def main(argv: list[str] | None = None) -> None:
                 "checkpoint": str(checkpoint), "configs": [dataclasses.asdict(c) for c in configs]}
         paths = save_outputs(args.out, stem, markdown, header, body, meta, records)
         print(f"\nwrote {', '.join(str(p) for p in paths)}")
+    if failed:
+        raise UserError(f"{failed}; their logs are in {workdir}")

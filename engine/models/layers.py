@@ -38,19 +38,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
               scale: float) -> torch.Tensor:
-    """Grouped-query attention.
+    """Grouped-query attention through one fused SDPA call, which reads K and V in place at any strides
+    (a KV cache's per-head prefix views included): no repeated KV heads, no copy of the cache.
 
-    q: (b, s, hq, d); k, v: (b, t, hkv, d); allowed: (b, s, t) bool. Returns (b, s, hq, d).
-    Rows with no allowed key (left pads) attend uniformly instead of producing NaN.
+    q: (b, s, hq, d); k, v: (b, t, hkv, d), query head i using KV head i // (hq / hkv) as HF does;
+    allowed: (b, s, t) bool, or None when no row is padded: then each query sees the keys up to its own
+    position, which for s > 1 needs t == s (a prefill into an empty cache). Returns (b, s, hq, d).
+    Rows with no allowed key (left pads) attend uniformly instead of producing NaN: the mask is a finite
+    additive one, since a NaN in a pad's K or V would reach every row through a zero weight.
     """
-    hq, hkv = q.shape[2], k.shape[2]
-    if hq != hkv:
-        k = k.repeat_interleave(hq // hkv, dim=2)
-        v = v.repeat_interleave(hq // hkv, dim=2)
-    mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
-    mask.masked_fill_(~allowed, torch.finfo(q.dtype).min)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask[:, None], scale=scale)
+    mask = None
+    if allowed is not None:
+        mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
+        mask = mask.masked_fill_(~allowed, torch.finfo(q.dtype).min)[:, None]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         is_causal=allowed is None and q.shape[1] > 1, scale=scale,
+                                         enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2)

@@ -39,17 +39,18 @@ def embed(cfg: ModelConfig, w: dict, ids: torch.Tensor, positions: torch.Tensor)
 
 
 def decoder(cfg: ModelConfig, w: dict, h: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
-    b, s, _ = h.shape
+    b, s, hidden = h.shape
     hq, hkv, d = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+    h = h.view(b * s, hidden)  # tokens as the rows of one matrix: each linear is one product, with no reshapes
     x = rms_norm(h, w["ln1.w"], cfg.norm_eps)
     q, k, v = linear(x, w["qkv.w"], w.get("qkv.b")).split([hq * d, hkv * d, hkv * d], dim=-1)
     cos, sin = rope_cos_sin(positions, d, cfg.rope_theta, h.dtype)
     q = apply_rope(q.view(b, s, hq, d), cos, sin)
     k = apply_rope(k.view(b, s, hkv, d), cos, sin)
     a = attend(q, k, v.view(b, s, hkv, d), d**-0.5)
-    h = h + linear(a.reshape(b, s, hq * d), w["o.w"])
+    h = h + linear(a.reshape(b * s, hq * d), w["o.w"])
     gate, up = linear(rms_norm(h, w["ln2.w"], cfg.norm_eps), w["gate_up.w"]).chunk(2, dim=-1)
-    return h + linear(F.silu(gate) * up, w["down.w"])
+    return (h + linear(F.silu(gate) * up, w["down.w"])).view(b, s, hidden)
 
 
 def final(cfg: ModelConfig, w: dict, h: torch.Tensor) -> torch.Tensor:

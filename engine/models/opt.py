@@ -55,16 +55,17 @@ def decoder(cfg: ModelConfig, w: dict, h: torch.Tensor, positions: torch.Tensor,
     b, s, hidden = h.shape
     heads, d = cfg.n_heads, cfg.head_dim
     pre = cfg.pre_layer_norm
+    h = h.view(b * s, hidden)  # tokens as the rows of one matrix: each linear is one product, with no reshapes
     x = layer_norm(h, w["ln1.w"], w["ln1.b"]) if pre else h
     q, k, v = linear(x, w["qkv.w"], w["qkv.b"]).split(hidden, dim=-1)
     q = q * d**-0.5
     a = attend(q.view(b, s, heads, d), k.view(b, s, heads, d), v.view(b, s, heads, d), 1.0)
-    h = h + linear(a.reshape(b, s, hidden), w["o.w"], w["o.b"])
+    h = h + linear(a.reshape(b * s, hidden), w["o.w"], w["o.b"])
     if not pre:
         h = layer_norm(h, w["ln1.w"], w["ln1.b"])
     x = layer_norm(h, w["ln2.w"], w["ln2.b"]) if pre else h
     h = h + linear(linear(x, w["fc1.w"], w["fc1.b"]).relu_(), w["fc2.w"], w["fc2.b"])
-    return h if pre else layer_norm(h, w["ln2.w"], w["ln2.b"])
+    return (h if pre else layer_norm(h, w["ln2.w"], w["ln2.b"])).view(b, s, hidden)
 
 
 def final(cfg: ModelConfig, w: dict, h: torch.Tensor) -> torch.Tensor:

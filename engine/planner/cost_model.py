@@ -26,8 +26,12 @@ import functools
 import math
 from dataclasses import dataclass, field
 
+import torch
+
+from engine import memory
 from engine.config import ModelConfig
 from engine.models.registry import adapter_for
+from engine.placement import split_count
 from engine.planner.hardware import HardwareProfile
 from engine.policy import TIERS, Policy
 from engine.quant.groupwise import QuantSpec, row_nbytes, weight_nbytes
@@ -324,59 +328,89 @@ def time_model(cfg: ModelConfig, hw: HardwareProfile, policy: Policy, prompt_len
 
 # -- memory ---------------------------------------------------------------------------------------
 
+_LAYOUTS: dict[tuple, memory.Layout] = {}
+
+
+def plan_device(device: str) -> torch.device:
+    """The engine's spelling of a profile's device ("cuda" or "cpu")."""
+    return torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+
+
+def layout(cfg: ModelConfig, policy: Policy, device: str) -> memory.Layout:
+    """The engine's layout of the weights (engine.memory.layout), kept per model and weight settings: a search
+    asks for the same few many times."""
+    dev = plan_device(device)
+    compute, storage = memory.dtypes(policy, dev)
+    key = (cfg, device, compute, storage, policy.w_gpu_percent, policy.w_cpu_percent, policy.compress_weight,
+           policy.comp_weight_bits, policy.comp_weight_group, policy.comp_weight_dim, policy.fused_int4,
+           policy.direct_io, policy.num_gpu_batches == 1)
+    if key not in _LAYOUTS:
+        if len(_LAYOUTS) > 256:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = memory.layout(cfg, policy, dev, compute, storage)
+    return _LAYOUTS[key]
+
+
+def _corner(kind: int, tier: int) -> tuple[float, ...]:
+    """Six percentages with one kind (0 weights, 1 cache, 2 activations) wholly on one tier, the rest on the gpu."""
+    pct = [100.0, 0.0] * 3
+    pct[2 * kind:2 * kind + 2] = [(100.0, 0.0), (0.0, 100.0), (0.0, 0.0)][tier]
+    return tuple(pct)
+
+
 def memory_model(cfg: ModelConfig, policy: Policy, prompt_len: int, gen_len: int,
                  device: str = "cuda") -> dict[str, list[Lin]]:
-    """Bytes per tier at the prefill and the decode peak, as linear expressions (one per stage).
+    """Bytes per tier, and of host memory ("host"), as linear expressions in the placement fractions.
 
-    Home: each tier's share of all weights, of the whole block's KV cache (allocated for the full
-    sequence) and of the block's activations. Working set on the device: two layers of off-device
-    weights (the one computing and the one prefetching), one dequantised layer, the in/out and
-    prefetched activations of a GPU batch, its cache when attention runs on the device, and the
-    largest intermediate of one GPU batch. On the host: disk staging buffers and CPU attention.
+    The figures are the engine's own plan (engine.memory), taken with each kind wholly on each tier. Its
+    parts each follow one kind's placement (weights: the weights and their buffers; cache: the KV cache
+    and the prefix fetched for attention; activations), so these corners give the coefficients: the
+    linear program sees the engine's numbers at every corner and their interpolation between. The host
+    has two peaks: running a block, and loading a weight (engine.memory.MemoryPlan.host_peak).
     """
-    layer, extra = model_sizes(cfg, policy, device)
-    g, b, n_layers = policy.gpu_batch_size, policy.block_size, cfg.n_layers
-    seq = prompt_len + gen_len
-    w_total = n_layers * layer.weight_bytes + extra.weight_bytes
-    c_total = n_layers * b * seq * layer.kv_bytes
-    w_layer, w_dequant = layer.weight_bytes, layer.weight_full_bytes if policy.compress_weight else 0.0
-    e = layer.elem_bytes
-    tiers: dict[str, list[Lin]] = {t: [] for t in TIERS}
-    for tokens, ctx in ((prompt_len, prompt_len), (1, seq)):
-        decode = tokens == 1
-        act = b * tokens * layer.hidden_bytes
-        act_g = g * tokens * layer.hidden_bytes
-        cache_g = g * ctx * layer.kv_bytes
-        dequant_g = g * ctx * layer.kv_elems * e if policy.compress_cache else 0.0
-        temps = (g * tokens * (layer.hidden + max(2 * layer.attn_dim + layer.kv_elems, layer.ffn)) * e
-                 + g * cfg.vocab_size * 4)
-        if decode and not policy.cpu_cache_compute:  # the off-device share comes in, double-buffered
-            dev_cache = frac("cc", "cd") * (2 * cache_g) + Lin(dequant_g)
-        elif decode:  # attention over the off-device share runs on the host
-            dev_cache = frac("cg") * dequant_g
-        else:  # new keys/values are part of the intermediates; compressed ones are encoded from them
-            dev_cache = Lin(0.0)
-        tiers["gpu"].append(frac("wg") * w_total + frac("cg") * c_total + frac("hg") * act
-                            + frac("wc", "wd") * (2 * w_layer) + frac("hc", "hd") * (2 * act_g)
-                            + dev_cache + (w_dequant + temps))
-        host = frac("wd") * (2 * w_layer) + frac("hd") * (2 * act_g)
-        if decode and policy.cpu_cache_compute:
-            host = host + frac("cd") * (2 * cache_g) + frac("cc", "cd") * (g * cfg.n_heads * ctx * 4 + dequant_g * 2)
-        tiers["cpu"].append(frac("wc") * w_total + frac("cc") * c_total + frac("hc") * act + host)
-        tiers["disk"].append(frac("wd") * w_total + frac("cd") * c_total + frac("hd") * act)
-    return tiers
+    dev, rows = plan_device(device), policy.block_size
+    tiers: dict[str, Lin] = {t: Lin() for t in TIERS}
+    loaded = {t: Lin() for t in TIERS}
+    loading = 0
+    for i in range(len(TIERS)):
+        lay = layout(cfg, policy.with_percent(*_corner(0, i)), device)
+        for t in TIERS:
+            loaded[t] = loaded[t] + frac(FRACTIONS[i]) * (lay.weights[t] + lay.buffers[t])
+        loading = max(loading, lay.loading)
+        for kind, row in ((1, "cache"), (2, "activations")):
+            corner = policy.with_percent(*_corner(kind, i))
+            part = memory.plan(cfg, corner, dev, {}, None, prompt_len=prompt_len, gen_len=gen_len, rows=rows,
+                               lay=layout(cfg, policy, device)).bytes
+            for t in TIERS:
+                value = part[row][t] + (part["transient"][t] if kind == 1 else 0)
+                tiers[t] = tiers[t] + frac(FRACTIONS[3 * kind + i]) * value
+    run = {t: loaded[t] + tiers[t] for t in TIERS}
+    host = ("gpu", "cpu") if dev.type == "cpu" else ("cpu",)
+    return {**{t: [run[t]] for t in TIERS},
+            "host": [sum((run[t] for t in host), Lin()), sum((loaded[t] for t in host), Lin()) + loading]}
 
 
-def policy_fractions(policy: Policy) -> list[float]:
-    return [policy.split(kind)[tier] for kind in ("weight", "cache", "act") for tier in TIERS]
+def policy_fractions(policy: Policy, cfg: ModelConfig | None = None, device: str = "cuda") -> list[float]:
+    """The nine placement fractions of a policy; with `cfg`, the ones the engine realises: weights are placed
+    whole (engine.placement) and the cache by KV head, so their shares differ from the percentages."""
+    x = [policy.split(kind)[tier] for kind in ("weight", "cache", "act") for tier in TIERS]
+    if cfg is None:
+        return x
+    weights = layout(cfg, policy, device).weights
+    total = sum(weights.values()) or 1
+    heads = split_count(cfg.kv_heads, policy.split("cache"))
+    x[0:3] = [weights[t] / total for t in TIERS]
+    x[3:6] = [(heads[t][1] - heads[t][0]) / cfg.kv_heads if t in heads else 0.0 for t in TIERS]
+    return x
 
 
 def peak_memory(cfg: ModelConfig, policy: Policy, prompt_len: int, gen_len: int,
                 device: str = "cuda") -> dict[str, int]:
-    """The cost model's peak bytes per tier ("gpu" is host memory on a CPU-only machine)."""
-    x = policy_fractions(policy)
-    return {tier: int(max(e.value(x) for e in exprs))
-            for tier, exprs in memory_model(cfg, policy, prompt_len, gen_len, device).items()}
+    """The cost model's peak bytes per tier ("gpu" is host memory on a CPU-only machine), at the fractions the
+    engine realises for the policy."""
+    x = policy_fractions(policy, cfg, device)
+    model = memory_model(cfg, policy, prompt_len, gen_len, device)
+    return {tier: int(max(e.value(x) for e in model[tier])) for tier in TIERS}
 
 
 # -- prediction -----------------------------------------------------------------------------------
@@ -397,7 +431,7 @@ def predict(cfg: ModelConfig, hardware: HardwareProfile, policy: Policy, prompt_
             gen_len: int) -> Prediction:
     """Predicted time and throughput of one block of `policy.block_size` rows."""
     model = time_model(cfg, hardware, policy, prompt_len, gen_len)
-    x = policy_fractions(policy)
+    x = policy_fractions(policy, cfg, hardware.device)
     prefill, decode = evaluate(model.prefill, x), evaluate(model.decode, x)
     return Prediction(policy.block_size * gen_len / (prefill + decode), prefill, decode,
                       peak_memory(cfg, policy, prompt_len, gen_len, hardware.device))

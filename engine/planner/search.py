@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linprog
 
+from engine import memory
 from engine.config import ModelConfig
 from engine.errors import UserError
 from engine.planner.cost_model import (
@@ -25,8 +26,12 @@ from engine.planner.cost_model import (
     Prediction,
     Scale,
     Sum,
+    evaluate,
+    layout,
     memory_model,
     model_sizes,
+    plan_device,
+    policy_fractions,
     predict,
     time_model,
 )
@@ -35,10 +40,12 @@ from engine.policy import TIERS, Policy
 
 GPU_BATCH_SIZES = (1, 2, 4, 8, 12, 16, 20, 24, 32, 36, 48, 64, 72, 96, 128, 192, 256)
 NUM_GPU_BATCHES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-# Capacity kept free on every tier. FlexGen ran its OPT-30B policy with the T4 nearly full; this
-# cost model puts that policy at 96% of 16 GiB, so a larger margin would rule out the paper's policy.
-MEMORY_MARGIN = 0.03
+# Capacity kept free on every tier. None by default: every answer is checked against the engine's own
+# plan (engine.memory), which counts transients and the allocators' slack already, and FlexGen's OPT-175B
+# policy with 4-bit compression, which ran on a 16 GB T4, needs all but 0.4% of it in that plan.
+MEMORY_MARGIN = 0.0
 _TIE_BREAK = 1e-4  # seconds per unit fraction one tier further from the device
+_RESOLVES = 4  # linear programs per block shape, each with the tiers the engine's plan found over shrunk
 
 
 @dataclass(frozen=True)
@@ -76,8 +83,8 @@ class _Program:
             self.rows.append(self.linearize(part) + z * -1.0)
         return z
 
-    def solve(self, objective: Lin) -> tuple[list[float], float] | None:
-        """Fractions and objective value at the optimum, or None when infeasible."""
+    def solve(self, objective: Lin, fixed: dict[int, float] | None = None) -> tuple[list[float], float] | None:
+        """Fractions and objective value at the optimum, or None when infeasible; `fixed` pins fractions."""
         def dense(lin: Lin) -> np.ndarray:
             v = np.zeros(self.n_vars)
             for i, c in lin.coef.items():
@@ -93,6 +100,8 @@ class _Program:
         for k in range(3):
             a_eq[k, 3 * k:3 * k + 3] = 1.0
         bounds = [(0.0, 1.0)] * len(FRACTIONS) + [(0.0, None)] * (self.n_vars - len(FRACTIONS))
+        for i, value in (fixed or {}).items():
+            bounds[i] = (value, value)
         # ties (a share that costs nothing where it is) go to the faster tier
         tie_break = dense(Lin(0.0, {i: _TIE_BREAK * (i % 3) for i in range(len(FRACTIONS))}))
         res = linprog(dense(objective) + tie_break, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=np.ones(3),
@@ -109,22 +118,59 @@ def capacities(hw: HardwareProfile, gpu_mem: int | None = None, cpu_mem: int | N
 
 def _solve_block(cfg: ModelConfig, hw: HardwareProfile, policy: Policy, prompt_len: int, gen_len: int,
                  capacity: dict[str, int], margin: float) -> tuple[Policy, float] | None:
-    """The best placement for this block shape and its predicted time, or None when nothing fits."""
-    program = _Program()
-    objective = program.linearize(time_model(cfg, hw, policy, prompt_len, gen_len).total)
-    tiers = memory_model(cfg, policy, prompt_len, gen_len, hw.device)
+    """The best placement for this block shape that the engine's own plan accepts, and its predicted time
+    at the fractions the engine realises; None when nothing fits.
+
+    The linear program sees the engine's estimate only as linear expressions (cost_model.memory_model), and
+    the engine places whole tensors and KV heads, so the fractions it realises differ from the program's:
+    weights stay within each tier's share (engine.placement). So each answer is checked against the
+    engine's plan, and a tier found over is shrunk by the excess and the program solved again. Once an
+    answer fits, the program is solved once more with the weights pinned where the engine puts them, so
+    that the cache and activations take the room the weights' rounding left; the faster of the two wins.
+    """
     usable = {t: capacity[t] * (1 - margin) for t in TIERS}
-    for tier in TIERS:
-        program.rows += [e + (-usable[tier]) for e in tiers[tier]]
-    if hw.shared_host_memory:  # the "gpu" tier is host memory as well
-        program.rows += [g + c + (-usable["cpu"]) for g, c in zip(tiers["gpu"], tiers["cpu"], strict=True)]
-    solved = program.solve(objective)
-    if solved is None:
-        return None
-    x, seconds = solved
-    # percentages rounded down to 0.1%: what is shaved off a tier moves to disk, never onto a full tier
-    pct = [math.floor(x[i] * 1000 + 1e-6) / 10 for i in (0, 1, 3, 4, 6, 7)]
-    return policy.with_percent(*pct), seconds
+    time = time_model(cfg, hw, policy, prompt_len, gen_len).total
+    model = memory_model(cfg, policy, prompt_len, gen_len, hw.device)
+    best: tuple[Policy, float] | None = None
+    weights: Policy | None = None  # once an answer fits: its weight percentages, pinned at what they realise
+    for _ in range(_RESOLVES):
+        program = _Program()
+        objective = program.linearize(time)
+        for tier in TIERS:
+            program.rows += [e + (-usable[tier]) for e in model[tier]]
+        if hw.shared_host_memory:  # the "gpu" tier is host memory as well
+            program.rows += [e + (-usable["cpu"]) for e in model["host"]]
+        pinned = None if weights is None else dict(enumerate(policy_fractions(weights, cfg, hw.device)[:3]))
+        solved = program.solve(objective, pinned)
+        if solved is None:
+            break
+        # percentages rounded down to 0.1%: what is shaved off a tier moves to disk, never onto a full tier
+        pct = [math.floor(solved[0][i] * 1000 + 1e-6) / 10 for i in (0, 1, 3, 4, 6, 7)]
+        found = policy.with_percent(*(pct if weights is None else [*weights.percent[:2], *pct[2:]]))
+        excess = _engine_excess(cfg, hw, found, prompt_len, gen_len, usable)
+        if excess:
+            for tier, over in excess.items():
+                usable[tier] -= over
+            continue
+        seconds = evaluate(time, policy_fractions(found, cfg, hw.device))
+        if best is None or seconds < best[1]:
+            best = (found, seconds)
+        if weights is not None:
+            break
+        weights = found
+    return best
+
+
+def _engine_excess(cfg: ModelConfig, hw: HardwareProfile, policy: Policy, prompt_len: int, gen_len: int,
+                   usable: dict[str, float]) -> dict[str, float]:
+    """Bytes by which the engine's plan of `policy` (engine.memory.plan) exceeds each usable tier."""
+    plan = memory.plan(cfg, policy, plan_device(hw.device), {t: int(usable[t]) for t in TIERS}, None,
+                       prompt_len=prompt_len, gen_len=gen_len, rows=policy.block_size,
+                       lay=layout(cfg, policy, hw.device))
+    excess = {t: plan.peak[t] - usable[t] for t in TIERS if plan.peak[t] > usable[t]}
+    if hw.shared_host_memory and plan.host_peak > usable["cpu"]:
+        excess["cpu"] = max(excess.get("cpu", 0.0), plan.host_peak - usable["cpu"])
+    return excess
 
 
 def search_policy(cfg: ModelConfig, hardware: HardwareProfile, *, prompt_len: int, gen_len: int,
