@@ -254,7 +254,8 @@ def _cache_phase(cfg: ModelConfig, policy: Policy, rows: int, keys: int, storage
 
 def _host_attention(cfg: ModelConfig, policy: Policy, rows: int, tokens: int, compute_elem: int,
                     device: torch.device) -> int:
-    """Queries, new keys/values and outputs of one pass copied to host memory for attention there."""
+    """Queries, new keys/values and outputs of one pass copied to host memory for attention there, at 4 bytes
+    a value: the host may hold them in fp32."""
     if not (policy.cpu_cache_compute and device.type == "cuda" and policy.split("cache")["gpu"] < 1):
         return 0
     return rows * tokens * (2 * cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim * max(compute_elem, 4)
