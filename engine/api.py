@@ -246,7 +246,7 @@ class Engine:
         blocks = plan_blocks([len(r) for r in ids], policy)
         stats.num_blocks = len(blocks)
         if max_new_tokens > 0 or echo_prompt:
-            self._check_block_memory(blocks, [len(r) for r in ids], steps)
+            self._check_block_memory(blocks, [len(r) for r in ids], steps, echo=echo_prompt)
             with tqdm(total=len(ids) * steps, desc="generating", unit="tok", leave=False, disable=None) as progress:
                 for block in blocks:
                     batches = [_rows(ids, batch, cfg) for batch in block]

@@ -59,10 +59,9 @@ def compare_run(run_dir: Path, model, tokenizer) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m harness.report.reference_check", description=__doc__.split("\n")[0])
     parser.add_argument("output", help="a harness.run output folder")
-    args = parser.parse_args(argv)
+    output = Path(parser.parse_args(argv).output)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    output = Path(args.output)
     manifest_path = output / "manifest.json"
     if not manifest_path.is_file():
         raise UserError(f"{output} has no manifest.json; pass a folder written by python -m harness.run")
