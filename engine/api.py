@@ -302,7 +302,7 @@ class Engine:
         for block in blocks:
             shapes = [(len(b), max(lengths[i] for i in b)) for b in block]
             need = memory.block_bytes(rt.cfg, rt.policy, shapes, steps, rt.storage_dtype,
-                                      memory.elem_bytes(rt.compute_dtype), rt.cache_quant, rt.table_scratch,
+                                      rt.compute_dtype.itemsize, rt.cache_quant, rt.table_scratch,
                                       rt.device, len(lengths), echo)
             worst = {t: max(worst[t], need[t]) for t in TIERS}
         free = {t: rt.tiers[t].capacity - rt.tiers[t].used for t in TIERS}

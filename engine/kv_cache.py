@@ -38,10 +38,6 @@ class _Segment:
     dtype: torch.dtype
     views: tuple[torch.Tensor, torch.Tensor] | None  # resident: K and V per head, viewing the stores' bytes
 
-    def direct(self, rt: Runtime) -> bool:
-        """A resident segment has nothing to fetch: its attention reads the store where it is."""
-        return self.views is not None
-
     def count(self, written: int = 0, read: int = 0) -> None:
         """Account what a resident segment moves past its store's write/read (which count the same way):
         reads from the compute device's own memory are no transfer, so only other tiers count them."""
@@ -83,6 +79,8 @@ class LayerCache:
             for store in stores:
                 store.close()
             raise
+        # a resident segment has nothing to fetch: its attention reads the store where it is
+        self.streams = any(seg.views is None for seg in self.segments)
 
     def fetch(self) -> list:
         """Read the cached rows of the streamed segments, as (positions, batch, heads, d) (runs on a worker)."""
@@ -180,8 +178,7 @@ class Activation:
         # sized for the largest activation holds every smaller one from offset 0.
         start, end = split_count(max_elems, self.split).get("disk", (0, 0))
         if end > start:
-            itemsize = torch.empty((), dtype=rt.compute_dtype).element_size()
-            self.disk = rt.tiers["disk"].store((end - start) * itemsize, "act")
+            self.disk = rt.tiers["disk"].store((end - start) * rt.compute_dtype.itemsize, "act")
         self.pieces: list = []
         self.shape: torch.Size | None = None
         self.held = {"gpu": 0, "cpu": 0}
@@ -204,8 +201,8 @@ class Activation:
         for tier, item, n in self.pieces:
             if tier == "disk":
                 item.result()
-                itemsize = torch.empty((), dtype=self.rt.compute_dtype).element_size()
-                parts.append(self.disk.read(0, n * itemsize).view(self.rt.compute_dtype).to(self.rt.device))
+                dtype = self.rt.compute_dtype
+                parts.append(self.disk.read(0, n * dtype.itemsize).view(dtype).to(self.rt.device))
             else:
                 if tier == "cpu":
                     self.rt.tiers["cpu"].count(read=n * item.element_size())

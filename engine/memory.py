@@ -66,9 +66,6 @@ def dtypes(policy: Policy, device: torch.device) -> tuple[torch.dtype, torch.dty
     return compute, torch_dtype(policy.storage_dtype) if policy.storage_dtype else compute
 
 
-def elem_bytes(dtype: torch.dtype) -> int:
-    return dtype.itemsize
-
 
 def cache_quant(policy: Policy) -> QuantSpec | None:
     return QuantSpec(policy.comp_cache_bits, policy.comp_cache_group) if policy.compress_cache else None
@@ -418,7 +415,7 @@ def plan(cfg: ModelConfig, policy: Policy, device: torch.device, budgets: dict[s
     lay = lay or layout(cfg, policy, device, compute, storage)
     first, gbs = min(rows, policy.block_size), policy.gpu_batch_size
     batches = [(min(gbs, first - i), prompt_len) for i in range(0, first, gbs)]
-    parts = block_parts(cfg, policy, batches, max(1, gen_len), storage, elem_bytes(compute), cache_quant(policy),
+    parts = block_parts(cfg, policy, batches, max(1, gen_len), storage, compute.itemsize, cache_quant(policy),
                         lay.table_scratch, device, rows, echo)
     return MemoryPlan(cfg.name or "model", str(device), policy.label(), prompt_len, gen_len, rows,
                       {"weights": lay.weights, "buffers": lay.buffers, **parts}, lay.loading, budgets, host_room)

@@ -25,8 +25,8 @@ def choose(logprobs: torch.Tensor, temperature: float, top_p: float, top_k: int,
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if top_p < 1.0:
         sorted_scores, order = scores.sort(dim=-1, descending=True)
-        cum = sorted_scores.softmax(-1).cumsum(-1)
-        drop = cum - sorted_scores.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        probs = sorted_scores.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix reaching top_p
         scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
     probs = scores.softmax(-1)
     return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators, strict=True)])

@@ -259,7 +259,7 @@ def _release(next_layer: LayerLoad | None, caches: list[LayerCache], acts: list[
 
 
 def _fetch(rt: Runtime, cache: LayerCache) -> Future:
-    return rt.submit(cache.fetch, background=not all(seg.direct(rt) for seg in cache.segments))
+    return rt.submit(cache.fetch, background=cache.streams)
 
 
 def _compute_done(rt: Runtime) -> torch.cuda.Event | None:

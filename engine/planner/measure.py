@@ -97,7 +97,7 @@ def dequant_bw(device: torch.device, dtype: torch.dtype, rows: int, width: int =
     """Decompressed bytes per second of the engine's 4-bit group codec."""
     spec = QuantSpec(4, 64)
     data = encode_rows(torch.randn(rows, width, device=device), spec)
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     return rows * width * elem / median_seconds(lambda: decode_rows(data, width, spec, dtype), device, min_s=0.2)
 
 

@@ -16,10 +16,6 @@ from engine.quant.groupwise import QuantSpec
 from engine.quant.int4_kernel import decode, to_kernel
 
 
-def _elem_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 @dataclass(frozen=True)
 class RowCodec:
     """Rows of `row_elems` values (KV cache tokens, activations): plain or group-quantized.
@@ -40,7 +36,7 @@ class RowCodec:
     @property
     def row_bytes(self) -> int:
         if self.quant is None:
-            return self.row_elems * _elem_bytes(self.storage)
+            return self.row_elems * self.storage.itemsize
 
         return self.row_elems // self._vec * groupwise.row_nbytes(self._vec, self.quant)
 
@@ -78,7 +74,7 @@ class WeightCodec:
     @property
     def nbytes(self) -> int:
         if self.quant is None:
-            return math.prod(self.shape) * _elem_bytes(self.storage)
+            return math.prod(self.shape) * self.storage.itemsize
 
         return groupwise.weight_nbytes(self.shape, self.quant, self.dim)
 
@@ -134,12 +130,12 @@ class WeightCodec:
         if table:
             nbytes = 0 if data_device == device else self.nbytes
         else:
-            nbytes = 0 if self.in_place(data_device, device, dtype) else math.prod(self.shape) * _elem_bytes(dtype)
+            nbytes = 0 if self.in_place(data_device, device, dtype) else math.prod(self.shape) * dtype.itemsize
         return -(-nbytes // 64) * 64
 
     def working(self, buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A view of the uint8 buffer `buf` laid out like `decode`'s result, to pass as its `out`."""
-        flat = buf[:math.prod(self.shape) * _elem_bytes(dtype)].view(dtype)
+        flat = buf[:math.prod(self.shape) * dtype.itemsize].view(dtype)
         if self.quant is not None and self.dim == 0:  # decode_weight's result is a transposed view
             return flat.view(self.shape[1], self.shape[0]).t()
         return flat.view(self.shape)

@@ -119,7 +119,7 @@ def expected_handoffs(eng: Engine, prompts: list[list[int]]) -> int:
     for block in blocks:
         for batch in block:
             cache = LayerCache(rt, len(batch), 8)
-            streamed = sum(not seg.direct(rt) for seg in cache.segments)
+            streamed = sum(seg.views is None for seg in cache.segments)
             cache.close()
             total += rt.cfg.n_layers * (streamed + 1 if streamed else 0)
             if "disk" in split_count(len(batch) * rt.cfg.hidden, policy.split("act")):

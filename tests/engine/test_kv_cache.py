@@ -111,7 +111,7 @@ def test_resident_cache_is_written_in_place_and_attended_as_views(tiny_models, t
         rt = eng._rt
         cache = LayerCache(rt, BATCH, MAX_LEN)
         buffers = [(seg.k.buf.data_ptr(), seg.v.buf.data_ptr()) for seg in cache.segments]
-        assert all(seg.direct(rt) for seg in cache.segments)
+        assert all(seg.views is not None for seg in cache.segments) and not cache.streams
         t, before = 0, _written(rt)
         for s in _run(rt, cache, spy):
             t += s
