@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from engine.errors import UserError, cli_main
 from engine.flags import ArgumentParser, add_policy_args, resolve_policy
 from engine.policy import Policy
+from harness import scale_out
 from harness.files import write_json_atomic
 from harness.helm.deployment import EngineSpec, ModelFacts, register_helm_configs, write_local_config
 from harness.helm.engine_pool import engine_for, model_facts, release
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the suite uncompressed and compressed (the --compress flags, default 4-bit weights "
                         "and cache) into OUTPUT/none and OUTPUT/<label>, then report both")
     add_policy_args(p, default_block=(8, 4))
+    scale_out.add_args(p)
     return p
 
 
@@ -93,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.data_dir and not Path(args.data_dir).is_dir():
         raise UserError(f"--data-dir {args.data_dir} is not a folder; pass HELM's scenario cache folder "
                         "(e.g. ../shared/data/helm-scenarios)")
+    scale_out.check_args(args)
+    ray = scale_out.join_cluster(args, OFFLINE_ENV) if args.workers else None
 
     from harness.suites import load_run_entries
 
@@ -116,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"cannot create the --output folder {folder}: {err.strerror}; pass another --output") \
                 from None
         _route_helm_logs(folder / "helm.log")
-        code = max(code, run_suite(spec, facts, setting, entries, folder, args))
+        code = max(code, run_suite(spec, facts, setting, entries, folder, args, ray))
         release(spec)  # the next variant loads its own engine
+    if args.shard:
+        return code  # the runs are written by --merge
     if any(output.glob("**/runs/*/*/run_spec.json")):  # nothing to report when every entry was skipped
         write_report(output)
         print(f"report: {output / 'report.md'}", flush=True)
@@ -125,13 +131,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_suite(spec: EngineSpec, facts: ModelFacts, settings: dict, entries: list[RunEntry], output: Path,
-              args: argparse.Namespace) -> int:
-    """Prepare the output folder, plan the runs, run them on one engine, print the summary; exit code."""
+              args: argparse.Namespace, ray=None) -> int:
+    """Prepare the output folder, plan the runs, run them on one engine (or on replicas: harness.scale_out),
+    print the summary; exit code."""
     from helm.benchmark.executor import ExecutionSpec
     from helm.benchmark.runner import set_benchmark_output_path
     from helm.common.authentication import Authentication
     from helm.common.cache_backend_config import SqliteCacheBackendConfig
 
+    from harness.helm.executor import local_planning
     from harness.helm.runner import EngineRunner
     from harness.plan import plan_runs
 
@@ -152,15 +160,26 @@ def run_suite(spec: EngineSpec, facts: ModelFacts, settings: dict, entries: list
     print(f"{suite}: {len(run_specs)} runs on {spec.deployment}, {len(skipped)} skipped; output in {output}",
           flush=True)
     if run_specs:
-        print(f"loading {spec.model} ...", flush=True)
-        engine_for(spec)
         (config_dir / "cache").mkdir(parents=True, exist_ok=True)
         execution = ExecutionSpec(url=None, auth=Authentication(""), local_path=str(config_dir), parallelism=1,
                                   sqlite_cache_backend_config=SqliteCacheBackendConfig(str(config_dir / "cache")))
-        with contextlib.redirect_stdout(io.StringIO()):  # HELM prints its credentials lookups
-            runner = EngineRunner(execution, str(output), suite, skip_instances=False, cache_instances=False,
-                                  cache_instances_only=False, skip_completed_runs=args.resume,
-                                  exit_on_error=False)
+
+        def make_runner(planning=local_planning) -> EngineRunner:
+            with contextlib.redirect_stdout(io.StringIO()):  # HELM prints its credentials lookups
+                return EngineRunner(execution, str(output), suite, skip_instances=False, cache_instances=False,
+                                    cache_instances_only=False, skip_completed_runs=args.resume,
+                                    exit_on_error=False, planning=planning)
+
+        if args.shard:
+            return scale_out.as_shard(make_runner, run_specs, spec, args, output)
+        if ray is not None:
+            runner = scale_out.on_ray(ray, make_runner, run_specs, spec, args)
+        elif args.merge:
+            runner = scale_out.merged(make_runner, spec, output)
+        else:
+            print(f"loading {spec.model} ...", flush=True)
+            engine_for(spec)
+            runner = make_runner()
         for i, run_spec in enumerate(run_specs, 1):
             print(f"[{i}/{len(run_specs)}] {run_spec.name}", flush=True)
             runner.run_all([run_spec])

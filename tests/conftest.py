@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from engine.bench.reference import tiny_configs
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def save_tiny(name: str, seed: int, folder: Path) -> Path:
@@ -44,6 +46,23 @@ def tiny_seeded(tmp_path_factory):
         return made[name, seed]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, smollm2) -> Path:
+    """A 2-layer random LLaMA with SmolLM2's vocabulary and tokenizer files, as a real checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama") / "tiny-llama"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    LlamaForCausalLM(cfg).eval().save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (smollm2 / name).is_file():
+            shutil.copy(smollm2 / name, folder / name)
+    return folder
 
 
 @pytest.fixture(scope="session")

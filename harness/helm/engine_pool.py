@@ -9,7 +9,7 @@ from pathlib import Path
 
 from engine import Engine, UserError
 from engine.models.registry import num_params
-from engine.weights import embedded_folder, resolve
+from engine.weights import embedded_folder, load_tokenizer, resolve
 from harness.helm.deployment import EngineSpec, ModelFacts
 
 _lock = threading.Lock()
@@ -51,6 +51,12 @@ def tokenizer_folder(spec: EngineSpec) -> str:
         raise UserError(f"{folder} has no tokenizer files; HELM needs the model's tokenizer "
                         "(copy tokenizer.json and tokenizer_config.json into the checkpoint folder)")
     return str(folder.resolve())
+
+
+def tokenizer_for(spec: EngineSpec):
+    """The tokenizer the engine of `spec` would load, without loading its weights (a scale-out driver)."""
+    cfg, folder = resolve(spec.model, spec.weights)
+    return load_tokenizer(folder, cfg)
 
 
 def model_facts(spec: EngineSpec) -> ModelFacts:

@@ -55,6 +55,19 @@ class RequestCache:
                 "ON CONFLICT(key) DO UPDATE SET result = excluded.result, computed = computed + 1", rows)
             self._db.execute("COMMIT")
 
+    def absorb(self, other: str | Path) -> int:
+        """Fold in another cache file (a shard's), one transaction; keys already here stay as they are,
+        so folding the same file twice changes nothing. Returns the rows added."""
+        with sqlite3.connect(f"file:{other}?mode=ro", uri=True) as src:
+            rows = src.execute("SELECT key, result, computed FROM results").fetchall()
+        with self._lock:
+            before = self._db.total_changes
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT INTO results (key, result, computed) VALUES (?, ?, ?) "
+                                 "ON CONFLICT(key) DO NOTHING", rows)
+            self._db.execute("COMMIT")
+            return self._db.total_changes - before
+
     def compute_counts(self) -> dict[str, int]:
         """How often each cached request was computed (1 everywhere when nothing ran twice)."""
         with self._lock:

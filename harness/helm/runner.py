@@ -101,7 +101,10 @@ class EngineRunner(Runner):
             self.outcomes[run_spec.name] = "done earlier"
             return
         staging = self._staged(run_spec)
-        figures = {**self.executor.last_run, **self.computed_elsewhere.get(run_spec.name, {})}
+        figures = dict(self.executor.last_run)
+        elsewhere = self.computed_elsewhere.get(run_spec.name)
+        if elsewhere:  # the fan-in found every request cached; say what the replicas computed for it
+            figures.update(elsewhere, cached_requests=figures["requests"] - elsewhere["computed_requests"])
         write_json_atomic(os.path.join(staging, ENGINE_STATS_FILE), figures)
         if os.path.exists(final):
             shutil.rmtree(final)

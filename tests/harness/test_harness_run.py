@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from helpers.paths import HELM_DATA
 
 from engine.bench.reference import hf_greedy
@@ -22,26 +21,8 @@ from harness.helm.executor import KILL_AFTER_CALLS_ENV
 from harness.helm.request_cache import REQUEST_CACHE_FILE
 
 REPO = Path(__file__).resolve().parents[2]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 needs_data = pytest.mark.skipif(not (HELM_DATA / "mmlu").is_dir(),
                                 reason=f"offline HELM data not found at {HELM_DATA} (../shared/data)")
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory, smollm2) -> Path:
-    """A 2-layer random LLaMA with SmolLM2's vocabulary and tokenizer files, as a real checkpoint."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny-llama") / "tiny-llama"
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    LlamaForCausalLM(cfg).eval().save_pretrained(folder)
-    for name in TOKENIZER_FILES:
-        if (smollm2 / name).is_file():
-            shutil.copy(smollm2 / name, folder / name)
-    return folder
 
 
 def harness_run(*args: str) -> int:
