@@ -26,7 +26,23 @@ TOKENIZER_CLASS = "harness.helm.tokenizer.EngineTokenizer"
 # proven exact in tests/harness/test_harness_units.py). Batching is left out too, though it is not
 # exact: a row's last bits depend on which rows share its block (their padding), which no key can
 # name, so a key on the block size would make cache hits rarer without making them exact.
-OUTPUT_NEUTRAL = (*PERCENT_FIELDS, "overlap", "pin_weight", "direct_io", "gpu_batch_size", "num_gpu_batches")
+OUTPUT_NEUTRAL = (*PERCENT_FIELDS, "overlap", "pin_weight", "direct_io", "gpu_batch_size", "num_gpu_batches",
+                  "return_freed_memory")  # the C allocator's threshold: where freed memory goes, not values
+# How a compression variant names itself in HELM, as data: per switch, (prefix, field) pairs; the bits are
+# always named, the other fields only where they differ from the default. Defaults give the compression
+# label the output folders and reports use (w4c4, ...).
+VARIANT_FIELDS = (("compress_weight", (("w", "comp_weight_bits"), ("g", "comp_weight_group"),
+                                       ("dim", "comp_weight_dim"))),
+                  ("compress_cache", (("c", "comp_cache_bits"), ("g", "comp_cache_group"))))
+
+
+def variant_name(policy: Policy) -> str:
+    """The compression variant of `policy` for model names: '' when uncompressed, else e.g. `w4c4`."""
+    default = Policy()
+    return "".join(f"{prefix}{getattr(policy, name)}"
+                   for switch, fields in VARIANT_FIELDS if getattr(policy, switch)
+                   for i, (prefix, name) in enumerate(fields)
+                   if i == 0 or getattr(policy, name) != getattr(default, name))
 
 
 @dataclass(frozen=True)
@@ -59,7 +75,10 @@ class EngineSpec:
 
     @property
     def deployment(self) -> str:
-        return f"{ORG}/{self.slug}"
+        """HELM's model and deployment name. It carries the compression variant, so uncompressed and
+        compressed runs of one suite are distinct models (and run names) when HELM summarizes them together."""
+        variant = variant_name(self.policy_obj)
+        return f"{ORG}/{self.slug}-{variant}" if variant else f"{ORG}/{self.slug}"
 
     def to_args(self) -> dict:
         return dataclasses.asdict(self)
