@@ -89,6 +89,10 @@ def test_two_replicas_give_the_in_process_completions(ray_local, in_process, tin
     assert all(r["blocks"] > 0 and r["tok_s"] > 0 for r in distributed["per_replica"])  # both replicas served
     assert all(s["generated_tokens_per_s"] for s in stats)  # throughput of the replicas, not of the cache
     assert (tmp_path / "report.md").is_file()
+    from harness.replicas import host_memory
+
+    load = json.loads((tmp_path / "manifest.json").read_text())["load_options"]
+    assert int(load["cpu_mem"]) == host_memory(ray_local) // 2  # two replicas share this host's memory
 
 
 def test_a_killed_replica_loses_and_repeats_no_request(ray_local, in_process, tiny_llama, tmp_path, monkeypatch):
