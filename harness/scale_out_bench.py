@@ -25,6 +25,9 @@ from pathlib import Path
 from engine.errors import UserError, cli_main
 from engine.flags import ArgumentParser
 from engine.markdown import markdown_table
+from engine.planner.measure import load_hardware
+from engine.planner.search import search_policy
+from engine.weights import resolve
 
 CONFIGS = {"1 replica x 2 threads": (1, 2), "2 replicas x 1 thread": (2, 1)}
 SUBJECTS = ("abstract_algebra", "anatomy")
@@ -51,10 +54,6 @@ def run_once(workers: int, threads: int, args, output: Path) -> dict:
 
 def predicted(model: str, hardware: str, replicas_per_host: list[int], prompt_len: int, gen_len: int) -> list[list]:
     """Cost-model tok/s of one replica when k replicas share a host's memory, and of N GPUs."""
-    from engine.planner.measure import load_hardware
-    from engine.planner.search import search_policy
-    from engine.weights import resolve
-
     cfg, _ = resolve(model, "dummy")
     hw = load_hardware(hardware)
     rows = []
