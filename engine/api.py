@@ -21,7 +21,7 @@ from engine.sampling import choose, find_stop, row_generator
 from engine.schedule import Rows, run_block
 from engine.storage.host_memory import available_ram
 from engine.storage.tiers import make_tiers
-from engine.weights import load_tokenizer, resolve, stream_dummy, stream_folder
+from engine.weights import load_tokenizer, resolve, stream_encoded
 
 
 def _spelled_device(name: str | torch.device | None) -> torch.device:
@@ -169,7 +169,8 @@ class Engine:
         dev = compute_device(device)
         if policy.threads:
             torch.set_num_threads(policy.threads)
-        memory.return_freed_memory()
+        if policy.return_freed_memory:
+            memory.return_freed_memory()
         compute, storage = memory.dtypes(policy, dev)
         lay = memory.layout(cfg, policy, dev, compute, storage)
         tiers = make_tiers(dev, parse_size(gpu_mem), parse_size(cpu_mem), offload_dir, parse_size(disk_mem),
@@ -189,8 +190,14 @@ class Engine:
     def _place(cfg, policy, lay: memory.Layout, tiers, dev, compute, storage, folder, seed) -> Runtime:
         """Store every weight where the layout says, allocate its buffers, and stream the weights in."""
         specs = lay.specs
-        stored = [{n: StoredWeight(t, tiers[t].store(c.nbytes, f"{spec.name}.{n}"), c) for n, (t, c) in layer.items()}
-                  for spec, layer in zip(specs, lay.placed, strict=True)]
+        where = [(pos, n, t, c) for pos, layer in enumerate(lay.placed) for n, (t, c) in layer.items()]
+        stores = {}  # each tier's weights made at once: on the host, one arena per tier (Tier.stores)
+        for t in TIERS:
+            mine = [(pos, n, c) for pos, n, tier, c in where if tier == t]
+            made = tiers[t].stores([c.nbytes for _, _, c in mine], [f"{specs[pos].name}.{n}" for pos, n, _ in mine])
+            stores.update({(pos, n): store for (pos, n, _), store in zip(mine, made, strict=True)})
+        stored = [{n: StoredWeight(t, stores[pos, n], c) for n, (t, c) in layer.items()}
+                  for pos, layer in enumerate(lay.placed)]
         buffers = allocate_buffers(tiers, dev, lay.buffers, lay.slots)
         # Workers take direct disk reads, and on a GPU any disk reads, uploads and decoding (schedule.LayerLoad).
         cuda = dev.type == "cuda"
@@ -204,18 +211,20 @@ class Engine:
                      ThreadPoolExecutor(max_workers=2, thread_name_prefix="flexhelm-io"), memory.cache_quant(policy),
                      torch.cuda.Stream(dev) if cuda else None, buffers["gpu"], buffers["cpu"], lay.table_scratch)
 
-        def sink(pos: int, name: str, tensor: torch.Tensor) -> None:
+        def sink(pos: int, name: str, data: torch.Tensor) -> None:
             sw = stored[pos][name]
-            sw.store.write(0, sw.codec.encode(tensor.to(dev) if policy.compress_weight else tensor))
+            if rt.input_major(pos, name):  # held (in, out), as InputMajor multiplies it: transposed straight into
+                values = sw.store.buf.view(sw.codec.storage)  # its store, with no temporary the plan does not count
+                values.view(sw.codec.shape[::-1]).copy_(data.view(sw.codec.storage).view(sw.codec.shape).t())
+            else:
+                sw.store.write(0, data)
             progress.update(1)
 
         total_tensors = sum(len(s.shapes) for s in specs)
         with tqdm(total=total_tensors, desc=f"loading {cfg.name or 'model'}", unit="tensor", leave=False,
                   disable=None) as progress:
-            if folder is None:
-                stream_dummy(specs, sink, seed)
-            else:
-                stream_folder(folder, specs, sink)
+            codecs = [{n: sw.codec for n, sw in layer.items()} for layer in stored]
+            stream_encoded(folder, specs, codecs, seed, dev, sink)  # compressed weights: cached on disk
         for tier in tiers.values():
             tier.reset_counters()
         return rt
@@ -223,9 +232,14 @@ class Engine:
     # -- generation --------------------------------------------------------------------------------------
     def generate(self, prompts: list[str] | list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, stop: list[str] | str | None = None, seed: int = 0,
-                 logprobs: bool = True, echo_prompt: bool = False) -> list[Generation]:
-        """Generate for every prompt; `outs[i]` answers `prompts[i]` however rows are regrouped."""
+                 logprobs: bool = True, echo_prompt: bool = False, prompt_top1: bool = False) -> list[Generation]:
+        """Generate for every prompt; `outs[i]` answers `prompts[i]` however rows are regrouped.
+
+        `echo_prompt` also returns each prompt token's log-prob; `prompt_top1` (which implies it) also the most
+        likely token at each prompt position, which tells whether the prompt's tail is the greedy continuation.
+        """
         rt, cfg, policy = self._rt, self._rt.cfg, self._rt.policy
+        echo_prompt = echo_prompt or prompt_top1
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         ids = self._encode(prompts)
         if max_new_tokens < 0:
@@ -262,7 +276,7 @@ class Engine:
 
                     run_block(rt, batches, steps, echo_prompt,
                               self._on_step(batches, states, max_new_tokens, temperature, top_p, top_k, stops),
-                              on_pass)
+                              on_pass, top1=prompt_top1)
                     progress.update(start + rows * steps - progress.n)  # rows that all stopped early
         outs = [s.result(self.tokenizer, ids[i] if echo_prompt else None, stops, cfg)
                 for i, s in enumerate(states)]
@@ -320,9 +334,11 @@ class Engine:
         def on_step(k: int, step: int, last: torch.Tensor, prompt_lp: torch.Tensor | None):
             rows = [states[i] for i in batches[k].index]
             if prompt_lp is not None:
-                lp = prompt_lp.cpu().tolist()
+                lp, top = prompt_lp.cpu().tolist() if prompt_lp.dim() == 3 else (prompt_lp.cpu().tolist(), None)
                 for r, state, n in zip(range(len(rows)), rows, batches[k].mask.sum(-1).tolist(), strict=True):
                     state.prompt_logprobs = lp[r][len(lp[r]) - (n - 1):] if n > 1 else []
+                    if top is not None:
+                        state.prompt_top1 = [int(t) for t in top[r][len(top[r]) - (n - 1):]] if n > 1 else []
             if max_new == 0:
                 return torch.full((len(rows),), filler, device=last.device), True
             nxt = choose(last, temperature, top_p, top_k, [s.generator for s in rows])
@@ -342,6 +358,7 @@ class _RowState:
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
         self.prompt_logprobs: list[float] | None = None
+        self.prompt_top1: list[int] | None = None
         self.done, self.reason, self.stop_at = False, "length", None
 
     def add(self, token: int, lp: float, eos: set[int], stops: list[str], tok, max_new: int) -> None:
@@ -360,7 +377,8 @@ class _RowState:
         if self.stop_at is not None:
             text = text[:self.stop_at]
         prompt_lp = None if prompt is None else [None] + list(self.prompt_logprobs or [])
-        return Generation(text, list(self.tokens), list(self.logprobs), self.reason, prompt_lp)
+        top1 = None if prompt is None or self.prompt_top1 is None else [None, *self.prompt_top1]
+        return Generation(text, list(self.tokens), list(self.logprobs), self.reason, prompt_lp, top1)
 
 
 def plan_blocks(lengths: list[int], policy: Policy) -> list[list[list[int]]]:

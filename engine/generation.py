@@ -17,6 +17,8 @@ class Generation:
     logprobs: list[float]
     finish_reason: str  # "stop", "length" or "eos"
     prompt_logprobs: list[float | None] | None = None
+    # the most likely token at each prompt position (None at the first), when asked: lm-eval's is_greedy
+    prompt_top1: list[int | None] | None = None
 
 
 def _per_tier() -> dict[str, int]:

@@ -66,7 +66,7 @@ class LayerCache:
 
     def __init__(self, rt: Runtime, batch: int, max_len: int):
         cfg, d = rt.cfg, rt.cfg.head_dim
-        self.rt, self.batch, self.length, self.pending = rt, batch, 0, []
+        self.rt, self.batch, self.max_len, self.length, self.pending = rt, batch, max_len, 0, []
         self.segments: list[_Segment] = []
         stores: list[Store] = []
         try:  # a tier that refuses a store must not keep the ones made before it
@@ -111,6 +111,36 @@ class LayerCache:
             outs.append(attention(qq, *keys, mask, scale).to(q.device, q.dtype))
         self.length = t0 + q.shape[1]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def attend_static(self, slot: torch.Tensor, allowed: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor, scale: float) -> torch.Tensor:
+        """`attend` with shapes that do not change from step to step, for a CUDA graph (schedule.DecodeGraph):
+        one new position written at `slot` ((1,) long, on the device) and q attending over every slot of the
+        cache, `allowed` ((b, 1, max_len) bool) saying which it may see. Every segment must be resident and
+        plain, and the slots past the prompt zeroed (clear_ahead). Nothing here is counted or advanced:
+        the host does that after each pass (advance)."""
+        group, outs = q.shape[2] // k.shape[2], []
+        for seg in self.segments:
+            h0, h1 = seg.heads
+            qq, new = _arrive(seg, q[:, :, h0 * group:h1 * group], k[:, :, h0:h1], v[:, :, h0:h1])
+            for view, rows in zip(seg.views, new, strict=True):
+                view.index_copy_(2, slot, rows.transpose(1, 2).to(view.dtype))
+            keys = [view.transpose(1, 2) for view in seg.views]
+            outs.append(attention(qq, *keys, allowed, scale).to(q.device, q.dtype))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def clear_ahead(self) -> None:
+        """Zero the slots past the cached positions: attend_static multiplies them by a zero weight, and the
+        garbage of a fresh allocation may hold NaN, which a zero weight does not cancel."""
+        for seg in self.segments:
+            for view in seg.views:
+                view[:, :, self.length:].zero_()
+
+    def advance(self, s: int) -> None:
+        """Account `s` positions attend_static wrote, as `attend` counts its own."""
+        for seg in self.segments:
+            seg.count(written=2 * s * seg.codec.row_bytes, read=2 * (self.length + s) * seg.codec.row_bytes)
+        self.length += s
 
     @staticmethod
     def _in_place(seg: _Segment, new, t0: int) -> list[torch.Tensor]:

@@ -45,7 +45,9 @@ LOGIT_COPIES = 4
 # state as Python objects, which live until the call returns.
 RESULT_BYTES = 256
 # What the allocators hold beyond the tensors alive at a peak (freed blocks not yet reused, rounding),
-# as a share of the transient bytes (docs/measurements.md, "Peak memory against the plan").
+# as a share of the transient bytes (docs/measurements.md, "Peak memory against the plan"). Measured with
+# glibc's mmap threshold fixed (Policy.return_freed_memory, return_freed_memory below): a process that
+# must stay within its plan turns that on; without it, glibc's heaps may keep up to about 1.6x more.
 ALLOCATOR_SLACK = 0.25
 # glibc hands freed blocks of at least this size straight back to the kernel (return_freed_memory).
 MMAP_THRESHOLD = 1 << 20
@@ -159,7 +161,8 @@ def layout(cfg: ModelConfig, policy: Policy, device: torch.device, compute: torc
            storage: torch.dtype) -> Layout:
     """Place every weight (engine.placement) and size the buffers its loads need; allocates nothing."""
     specs = adapter_for(cfg).layer_specs(cfg)
-    wquant = QuantSpec(policy.comp_weight_bits, policy.comp_weight_group) if policy.compress_weight else None
+    wquant = (QuantSpec(policy.comp_weight_bits, policy.comp_weight_group, policy.comp_weight_fit)
+              if policy.compress_weight else None)
     placed: Placed = []
     for spec in specs:
         codecs = {n: WeightCodec(s, storage, wquant if len(s) == 2 else None, policy.comp_weight_dim,
@@ -431,7 +434,8 @@ def return_freed_memory() -> bool:
     the tensors a block's compute makes and frees (MBs each, growing with the context) come from heaps
     that keep freed pages resident, and a run reached twice the peak its tensors needed
     (docs/measurements.md, "Peak memory against the plan"). Set once per process; False where the C
-    library is not glibc.
+    library is not glibc. Opt-in (`Policy.return_freed_memory`): the setting is the whole process's, and
+    it slows other libraries in it (HF `generate` by about 20%) and the engine itself (about 8%).
     """
     name = ctypes.util.find_library("c")
     try:

@@ -50,8 +50,14 @@ class Policy:
     compress_cache: bool = field(default=False, metadata=_opt("group-wise quantized KV cache"))
     comp_weight_bits: int = field(default=4, metadata=_opt("bits per compressed weight (2-8)"))
     comp_weight_group: int = field(default=64, metadata=_opt("group size of compressed weights"))
-    comp_weight_dim: int = field(default=0, metadata=_opt(
+    # dim 1 (the GPTQ/AWQ/torchao convention, and the fused int4 kernel's) measured better than FlexGen's dim 0 on
+    # SmolLM2 (issue 19: w4c4 perplexity ratio 1.62 vs 1.88 at groups of 64); --comp-dim 0 replicates FlexGen.
+    comp_weight_dim: int = field(default=1, metadata=_opt(
         "group weights along the output (0) or input (1) dimension", choices=(0, 1), aliases=("--comp-dim",)))
+    # mse: each group's (min, step) minimizes the squared error (engine.quant.fit); minmax: FlexGen's. Same bytes.
+    comp_weight_fit: str = field(default="mse", metadata=_opt(
+        "how compressed weights' groups are fitted: error-minimizing (mse) or FlexGen's min-max", type=str,
+        choices=("mse", "minmax")))
     # On a CPU, 4-bit weights grouped along dim 1 run small products (decode steps) in torch's fused int4
     # kernel with bf16 activations (engine.quant.int4_kernel); False keeps every product in compute_dtype.
     fused_int4: bool = field(default=True, metadata=_opt(
@@ -64,6 +70,14 @@ class Policy:
         "precision of stored tensors (default: the compute dtype)", type=str, choices=tuple(DTYPES)))
     direct_io: bool = field(default=False, metadata=_opt("bypass the page cache on the disk tier (O_DIRECT)"))
     threads: int | None = field(default=None, metadata=_opt("torch compute threads (default: torch's)", type=int))
+    # Process-wide, like `threads`: glibc's mmap threshold is the C library's, not the engine's. Off by default,
+    # since it slows every other library in the process (HF transformers by about 20%) and the engine by 8%.
+    return_freed_memory: bool = field(default=False, metadata=_opt(
+        "have glibc return freed blocks of 1 MiB or more to the kernel at once, for this whole process: peak RSS "
+        "then stays within Engine.plan's bound, at some speed (engine.memory.return_freed_memory)"))
+    cuda_graphs: bool = field(default=True, metadata=_opt(
+        "on a GPU, replay each decode step's compute as a CUDA graph where everything is resident "
+        "(falls back to eager, once said, if capture fails)"))
 
     def __post_init__(self) -> None:
         self.validate()

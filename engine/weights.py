@@ -22,6 +22,9 @@ from safetensors.torch import save_file
 from engine.config import ModelConfig, load_folder_config, named_config
 from engine.errors import UserError
 from engine.models.base import LayerSpec
+from engine.quant.codec import WeightCodec
+from engine.quant.encoded_cache import EncodedCache
+from engine.quant.fit import fit_signature
 
 EMBEDDED_MODEL = "smollm2-135m"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -29,6 +32,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "to
 
 # sink(layer_position, weight_name, tensor): receives each engine weight once, fully assembled
 Sink = Callable[[int, str, torch.Tensor], None]
+_DUMMY_VERSION = 1  # bump when stream_dummy makes other values: cached encodings of dummy weights then miss
 
 
 def cache_root() -> Path:
@@ -197,3 +201,61 @@ def stream_dummy(specs: list[LayerSpec], sink: Sink, seed: int = 0) -> None:
             else:
                 tensor = torch.randn(shape, generator=gen) * 0.02
             sink(pos, wname, tensor)
+
+
+# -- encoded weights, cached -------------------------------------------------------------------------
+
+def fingerprint(folder: Path | None, seed: int) -> dict:
+    """What identifies the weights a load streams: the checkpoint files' names, sizes and modification
+    times (not their contents, which would cost a full read), or the dummy weights' seed."""
+    if folder is None:
+        return {"dummy": seed, "version": _DUMMY_VERSION}
+    files = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in _weight_files(folder)]
+    return {"folder": str(folder.resolve()), "files": files}
+
+
+def _codec_key(codec: WeightCodec) -> list:
+    quant = codec.quant and [codec.quant.bits, codec.quant.group, fit_signature(codec.quant.fit), codec.dim]
+    return [list(codec.shape), str(codec.storage), quant]
+
+
+def stream_encoded(folder: Path | None, specs: list[LayerSpec], codecs: list[dict[str, WeightCodec]], seed: int,
+                   device: torch.device, sink: Sink) -> None:
+    """Stream every weight into `sink` as its codec's stored bytes.
+
+    Quantizing (the error-minimizing fit above all) is the costly part of a compressed load, so a load that
+    quantizes caches the encoded bytes on disk under cache_root()/encoded, keyed by the checkpoint's
+    fingerprint and every weight's codec (bits, group, fit, dim, storage dtype); a later load of the same
+    checkpoint and scheme reads them back instead of the checkpoint. Quantized weights are encoded on
+    `device` (a GPU encodes far faster), plain ones where they are.
+    """
+    def portable(pos: int, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        codec = codecs[pos][name]
+        return codec.encode_portable(tensor.to(device) if codec.quant else tensor)
+
+    def stream(each: Sink) -> None:
+        if folder is None:
+            stream_dummy(specs, each, seed)
+        else:
+            stream_folder(folder, specs, each)
+
+    if not any(c.quant for layer in codecs for c in layer.values()):
+        stream(lambda pos, name, tensor: sink(pos, name, portable(pos, name, tensor)))
+        return
+    key = {"format": 1, "weights": fingerprint(folder, seed),
+           "layers": [[spec.name, {n: _codec_key(c) for n, c in layer.items()}]
+                      for spec, layer in zip(specs, codecs, strict=True)]}
+    cache = EncodedCache(cache_root() / "encoded", key, [{n: c.nbytes for n, c in layer.items()} for layer in codecs])
+
+    def finish(pos: int, name: str, data: torch.Tensor) -> None:
+        sink(pos, name, codecs[pos][name].finish(data))
+
+    if cache.load(finish):
+        return
+    with cache.writer() as keep:
+        def encode(pos: int, name: str, tensor: torch.Tensor) -> None:
+            data = portable(pos, name, tensor)
+            keep(pos, name, data)
+            finish(pos, name, data)
+
+        stream(encode)

@@ -29,6 +29,8 @@ from scipy import stats
 
 from engine.errors import UserError, cli_main
 from engine.flags import ArgumentParser
+from harness import lm_eval_samples
+from harness.lm_eval_samples import is_lm_eval_output
 from harness.report.runs import changed_rate, compression_variants, load_report, pair_runs, paired_instances
 
 DEFAULT_MAX_DROP = 5.0  # points
@@ -62,26 +64,31 @@ def compare(base: pd.DataFrame, cand: pd.DataFrame, base_root: Path, cand_root: 
     for _, p in pair_runs(base, cand).iterrows():
         inst = paired_instances(base_root / p["path_base"], cand_root / p["path_cand"],
                                 p["metric_base"], p["split_base"])
-        n = len(inst)
-        if n == 0:
+        if len(inst) == 0:
             continue
-        drop = 100 * (inst["base"].mean() - inst["cand"].mean())
-        changed = changed_rate(inst)
-        if np.isnan(changed):
+        if np.isnan(changed_rate(inst)):
             raise UserError(f"{p['run_base']} or {p['run_cand']} lacks scenario_state.json, so predictions cannot be "
                             "compared; copy whole HELM run folders")
-        p_drop = drop_p_value(inst["base"].to_numpy(float), inst["cand"].to_numpy(float))
-        p_changed = changed_p_value(round(changed * n), n, max_changed)
-        categorical = str(p["method_base"]).startswith("multiple_choice")
-        failed = [name for name, bad in (("accuracy", drop > max_drop and p_drop < alpha),
-                                         ("changed", categorical and changed > max_changed and p_changed < alpha))
-                  if bad]
-        rows.append({"entry": p["entry"], "variants": f"{p['compression_base']}->{p['compression_cand']}",
-                     "n": n, "checks": "accuracy+changed" if categorical else "accuracy",
-                     "metric": p["metric_base"], "base": inst["base"].mean(),
-                     "cand": inst["cand"].mean(), "drop_pts": drop, "p_drop": p_drop, "changed": changed,
-                     "p_changed": p_changed, "verdict": "FAIL " + "+".join(failed) if failed else "ok"})
+        rows.append(judge(p["entry"], f"{p['compression_base']}->{p['compression_cand']}", p["metric_base"],
+                          str(p["method_base"]).startswith("multiple_choice"), inst, max_drop, max_changed, alpha))
     return pd.DataFrame(rows)
+
+
+def judge(entry: str, variants: str, metric: str, categorical: bool, inst: pd.DataFrame, max_drop: float,
+          max_changed: float, alpha: float) -> dict:
+    """The verdict row of one entry from its paired instances (columns base, cand, pred_base, pred_cand)."""
+    n = len(inst)
+    drop = 100 * (inst["base"].mean() - inst["cand"].mean())
+    changed = changed_rate(inst)
+    p_drop = drop_p_value(inst["base"].to_numpy(float), inst["cand"].to_numpy(float))
+    p_changed = changed_p_value(round(changed * n), n, max_changed)
+    failed = [name for name, bad in (("accuracy", drop > max_drop and p_drop < alpha),
+                                     ("changed", categorical and changed > max_changed and p_changed < alpha))
+              if bad]
+    return {"entry": entry, "variants": variants, "n": n, "checks": "accuracy+changed" if categorical else "accuracy",
+            "metric": metric, "base": inst["base"].mean(), "cand": inst["cand"].mean(), "drop_pts": drop,
+            "p_drop": p_drop, "changed": changed, "p_changed": p_changed,
+            "verdict": "FAIL " + "+".join(failed) if failed else "ok"}
 
 
 def _split_variants(candidate: Path, baseline: Path | None) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
@@ -101,10 +108,15 @@ def _split_variants(candidate: Path, baseline: Path | None) -> tuple[pd.DataFram
 
 def regress(candidate: Path, baseline: Path | None, max_drop: float, max_changed: float,
             alpha: float) -> pd.DataFrame:
-    base, cand, base_root = _split_variants(candidate, baseline)
-    table = compare(base, cand, base_root, candidate, max_drop, max_changed, alpha)
+    if baseline is not None and is_lm_eval_output(candidate) and is_lm_eval_output(baseline):
+        table = pd.DataFrame([judge(task, variants, metric, mc, inst, max_drop, max_changed, alpha)
+                              for task, variants, metric, mc, inst in lm_eval_samples.paired(baseline, candidate)
+                              if len(inst)])
+    else:
+        base, cand, base_root = _split_variants(candidate, baseline)
+        table = compare(base, cand, base_root, candidate, max_drop, max_changed, alpha)
     if table.empty:
-        raise UserError(f"no run entry with shared instances between {base_root} and {candidate}; "
+        raise UserError(f"no run entry with shared instances between {baseline or candidate} and {candidate}; "
                         "run the same suite and instances on both")
     return table
 
@@ -124,7 +136,8 @@ def _usage_errors_exit_2(func):
 @_usage_errors_exit_2
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="python -m harness.regress", description=__doc__.split("\n")[0])
-    parser.add_argument("--baseline", type=Path, help="output folder to compare against, e.g. a stored one")
+    parser.add_argument("--baseline", type=Path, help="output folder to compare against, e.g. a stored one; or an "
+                        "lm-eval --output_path folder (run with --log_samples), with --candidate another")
     parser.add_argument("--candidate", type=Path, required=True, help="output folder under test")
     parser.add_argument("--max-drop", type=float, default=DEFAULT_MAX_DROP,
                         help="accuracy drop allowed, in points")

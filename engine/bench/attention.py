@@ -83,7 +83,7 @@ def cache_runtime(cfg: ModelConfig, policy: Policy, device: torch.device, comput
             "storage_dtype": DTYPES[policy.storage_dtype or "fp32"], "cache_quant": None,
             "tiers": make_tiers(device, None, None, None, None, False, device.type == "cuda"),
             "io": ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-io"),
-            "specs": [], "weights": [], "plans": []}
+            "specs": [], "weights": [], "plans": [], "working": [], "staging": []}
     needed = [f.name for f in dataclasses.fields(Runtime) if f.init and f.default is dataclasses.MISSING
               and f.default_factory is dataclasses.MISSING]
     return Runtime(**{name: have.get(name) for name in needed})

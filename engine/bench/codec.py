@@ -8,6 +8,7 @@ because on a CPU the page faults of a fresh allocation can cost as much as the d
 
     python -m engine.bench.codec                       # 2048x8192, 4/64 3/64 2/64 8/64, both dims
     python -m engine.bench.codec --specs 4/64,4/128 --shape 4096x4096 --threads 2
+    python -m engine.bench.codec --specs 4/64,4/64/mse   # the error-minimizing fit's encode cost (load time)
     python -m engine.bench.codec --fused 1,8,32,48,64,256 --threads 2   # 4-bit products by rows
 
 `--fused` times a 4-bit/64 product x @ W.T (W grouped along the input dimension) by rows of x, three
@@ -45,11 +46,13 @@ def parse_shape(text: str) -> tuple[int, int]:
 def parse_specs(text: str) -> list[QuantSpec]:
     specs = []
     for item in text.split(","):
+        bits, group, *fit = item.split("/")
         try:
-            bits, group = (int(v) for v in item.split("/"))
+            specs.append(QuantSpec(int(bits), int(group), *fit[:1]))
         except ValueError:
-            raise UserError(f"--specs takes bits/group pairs such as 4/64,3/64, got {item!r}") from None
-        specs.append(QuantSpec(bits, group))
+            raise UserError(f"--specs takes bits/group[/fit] such as 4/64,3/64,4/64/mse, got {item!r}") from None
+        if len(fit) > 1:
+            raise UserError(f"--specs takes bits/group[/fit] such as 4/64,3/64,4/64/mse, got {item!r}")
     return specs
 
 
@@ -84,7 +87,7 @@ def bench_device(device: torch.device, shape: tuple[int, int], specs: list[Quant
         reuse_s = median_seconds(functools.partial(decode, out=out), device, warmup, repeats)
         w_hat = decode_weight(data, shape, spec, dim, torch.float32)
         rel_rms = ((w_hat - w).pow(2).mean() / w.pow(2).mean()).sqrt().item()
-        rows.append([device.type, f"{spec.bits}-bit, group {spec.group}", str(dim),
+        rows.append([device.type, f"{spec.bits}-bit, group {spec.group}, {spec.fit}", str(dim),
                      f"{weight_nbytes(shape, spec, dim) / w.numel():.4f}", f"{gb / enc_s:.2f}",
                      f"{gb / dec_s:.2f}", f"{gb / reuse_s:.2f}", f"{clone_s / enc_s:.2f}",
                      f"{copy_s / reuse_s:.2f}", f"{rel_rms:.4f}"])

@@ -10,8 +10,10 @@ waits, not by the device's arithmetic. So this counts the ATen ops of one decode
 
 A step's count is the difference between generating n+1 and n tokens, so it holds whatever a call
 does once (tokenizing, prefill, setup). Counts are deterministic: tests bound them
-(tests/engine/test_decode_step.py). Then throughput, engine in RAM against HF `generate`, runs
-alternating in one process, best of `--repeat`.
+(tests/engine/test_decode_step.py). Then throughput: the engine in RAM against HF `generate` on the same
+weights (HF's, saved and loaded by the engine), fp32, the same thread count, in one process, runs
+alternating, best of `--repeat`; every run's greedy tokens must equal HF's. Nothing process-wide is
+changed for either (the engine's `return_freed_memory` stays off, as by default).
 
     python -m engine.bench.decode_ops                 OPT-125m shapes, random weights, B=8, prompt 128, gen 16
     python -m engine.bench.decode_ops --repeat 5 --batch 8 --prompt 128 --gen 16
@@ -63,31 +65,34 @@ def profiled_ops(fn: Callable[[], object]) -> int:
 
 @dataclass
 class Systems:
-    """The engine and HF at the same shapes, each a function generating `n` tokens for the same prompts."""
+    """The engine and HF on the same weights, each a function generating `n` greedy tokens per row for the same
+    prompts, returning them as lists."""
 
-    engine: Callable[[int], object]
-    hf: Callable[[int], object]
+    engine: Callable[[int], list[list[int]]]
+    hf: Callable[[int], list[list[int]]]
+    eng: Engine
 
 
 def build(folder: Path, batch: int, prompt: int, overrides: dict | None = None, seed: int = 0) -> Systems:
-    """HF's OPT with random weights and the engine with dummy weights, at `transformers.OPTConfig(**overrides)`
-    shapes (OPT-125m by default), everything in RAM; the config is saved to `folder` for the engine."""
+    """HF's OPT with random weights at `transformers.OPTConfig(**overrides)` shapes (OPT-125m by default), saved
+    to `folder` and loaded from there by the engine, everything in RAM, fp32."""
     from transformers import OPTConfig, OPTForCausalLM
 
     config = OPTConfig(**(overrides or {}))
-    config.save_pretrained(folder)
     torch.manual_seed(seed)
     hf = OPTForCausalLM(config).eval()
-    eng = Engine.load(folder, weights="dummy", policy=Policy(gpu_batch_size=batch), device="cpu", seed=seed)
+    hf.save_pretrained(folder)
+    eng = Engine.load(folder, policy=Policy(gpu_batch_size=batch, compute_dtype="fp32"), device="cpu")
     ids = torch.randint(4, config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(seed))
     rows = ids.tolist()
 
-    def hf_generate(n: int) -> object:
+    def hf_generate(n: int) -> list[list[int]]:
         with torch.no_grad():
-            return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                               do_sample=False, pad_token_id=config.pad_token_id)
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=config.pad_token_id)
+        return out[:, prompt:].tolist()
 
-    return Systems(lambda n: eng.generate(rows, max_new_tokens=n), hf_generate)
+    return Systems(lambda n: [o.token_ids for o in eng.generate(rows, max_new_tokens=n)], hf_generate, eng)
 
 
 def step_ops(generate: Callable[[int], object], count: Callable[[Callable[[], object]], int], n: int = 3) -> int:
@@ -105,16 +110,34 @@ def op_counts(systems: Systems) -> list[tuple[str, int, int, float]]:
     return rows
 
 
-def throughput(systems: Systems, batch: int, gen: int, repeat: int) -> tuple[float, float]:
-    """Best tokens/s of engine and HF over `repeat` alternating runs (after one warm-up each)."""
+@dataclass
+class Throughput:
+    """Best tokens/s of each system over alternating runs, and the engine's prefill and decode seconds in its
+    best run."""
+
+    engine: float
+    hf: float
+    prefill_s: float
+    decode_s: float
+
+
+def throughput(systems: Systems, batch: int, gen: int, repeat: int) -> Throughput:
+    """Best of `repeat` alternating runs (after one warm-up each); a run whose tokens differ from HF's fails."""
     best = {"engine": 0.0, "hf": 0.0}
+    split = (0.0, 0.0)
     for i in range(repeat + 1):
+        tokens = {}
         for name, generate in (("engine", systems.engine), ("hf", systems.hf)):
             start = time.perf_counter()
-            generate(gen)
-            if i:
-                best[name] = max(best[name], batch * gen / (time.perf_counter() - start))
-    return best["engine"], best["hf"]
+            tokens[name] = generate(gen)
+            rate = batch * gen / (time.perf_counter() - start)
+            if i and rate > best[name]:
+                best[name] = rate
+                if name == "engine":
+                    split = (systems.eng.stats.prefill_s, systems.eng.stats.decode_s)
+        if tokens["engine"] != tokens["hf"]:
+            raise SystemExit(f"run {i}: the engine's greedy tokens differ from HF's")
+    return Throughput(best["engine"], best["hf"], *split)
 
 
 @cli_main
@@ -124,17 +147,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens per row")
     parser.add_argument("--gen", type=int, default=16, help="new tokens per row, for throughput")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per system; the best counts")
+    parser.add_argument("--no-ops", action="store_true", help="skip counting ops: throughput only")
     args = parser.parse_args(argv)
     print(f"OPT-125m shapes, batch {args.batch}, prompt {args.prompt}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads\n")
     with tempfile.TemporaryDirectory() as tmp:
         systems = build(Path(tmp), args.batch, args.prompt)
-        print(markdown_table(["ATen ops per decode step", "engine", "HF eager", "engine / HF"],
-                             op_counts(systems), floatfmt=".2f"))
-        eng, hf = throughput(systems, args.batch, args.gen, args.repeat)
-    print(f"\nthroughput, gen {args.gen}, best of {args.repeat} alternating runs\n")
-    print(markdown_table(["system", "tok/s", "× HF"], [("engine, in RAM", eng, eng / hf), ("HF generate", hf, 1.0)],
-                         floatfmt=".2f"))
+        if not args.no_ops:
+            print(markdown_table(["ATen ops per decode step", "engine", "HF eager", "engine / HF"],
+                                 op_counts(systems), floatfmt=".2f"))
+        t = throughput(systems, args.batch, args.gen, args.repeat)
+    print(f"\nthroughput, fp32, gen {args.gen}, best of {args.repeat} alternating runs, the same greedy tokens\n")
+    print(markdown_table(["system", "tok/s", "× HF"], [("engine, in RAM", t.engine, t.engine / t.hf),
+                                                        ("HF generate", t.hf, 1.0)], floatfmt=".2f"))
+    print(f"\nengine's best run: prefill {t.prefill_s:.3f} s, decode {t.decode_s:.3f} s "
+          f"({t.decode_s / max(1, args.gen - 1) * 1e3:.1f} ms per step)")
 
 
 if __name__ == "__main__":

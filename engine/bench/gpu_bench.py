@@ -5,7 +5,8 @@
 
 1. Exactness: the placement-policy matrix on CUDA against HF (engine.bench.gpu_check).
 2. OPT-1.3B shapes in fp16, everything on the GPU, prompt 128, 32 new tokens, B=1 and B=32: the engine
-   against HF `generate`, in one process.
+   against HF `generate`, in one process, with decode steps replayed as CUDA graphs and without
+   (`--no-cuda-graphs`).
 3. OPT-30B shapes on dummy weights with the GPU capped at 16 GiB for both systems, FlexGen's paper policy
    (20 80 0 100 0 100, 48x3, CPU attention), prompt 512: the engine against FlexGen 0.1.8, each in a
    process of its own. Both run the same `--layers` (a host cannot hold the full model's 48 layers next
@@ -80,10 +81,14 @@ def in_gpu_rows(model: str, batches: tuple[int, ...], prompt_len: int, gen_len: 
         torch.cuda.empty_cache()
     rows = []
     for b in batches:
-        with Engine.load(model, weights="dummy", policy=Policy(gpu_batch_size=b), device=device) as eng:
-            rate = engine_tokens_per_s(eng, b, prompt_len, gen_len)
-        rows.append({"check": f"{model} all on {device}", "system": "engine vs HF generate", "batch": b,
-                     "tok/s": rate, "peer tok/s": hf_rate[b], "ratio": rate / hf_rate[b]})
+        for graphs, system in ((True, "engine vs HF generate"), (False, "engine --no-cuda-graphs vs HF generate")):
+            policy = Policy(gpu_batch_size=b, cuda_graphs=graphs)
+            with Engine.load(model, weights="dummy", policy=policy, device=device) as eng:
+                rate = engine_tokens_per_s(eng, b, prompt_len, gen_len)
+                failed = eng._rt.graph_failures  # a capture that failed ran eagerly: the row says so
+            rows.append({"check": f"{model} all on {device}", "system": system, "batch": b, "tok/s": rate,
+                         "peer tok/s": hf_rate[b], "ratio": rate / hf_rate[b],
+                         **({"error": f"graph capture failed: {failed[0]}"} if failed else {})})
     return rows
 
 

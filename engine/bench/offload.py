@@ -142,10 +142,13 @@ def engine_budgets(args: argparse.Namespace) -> tuple[int | None, int | None]:
 
 
 def base_policy(args: argparse.Namespace, capped: bool) -> Policy:
-    """The user's policy options; capped runs store weights in fp16 unless told otherwise."""
+    """The user's policy options; capped runs store weights in fp16 and fix glibc's mmap threshold (each run is
+    its own child, so no other system shares the setting) unless told otherwise."""
     policy = dataclasses.replace(policy_from_args(args), threads=args.threads)
     if capped and args.storage_dtype is None:
         policy = dataclasses.replace(policy, storage_dtype="fp16")
+    if capped and args.return_freed_memory is None:
+        policy = dataclasses.replace(policy, return_freed_memory=True)
     return policy
 
 

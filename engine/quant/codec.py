@@ -79,10 +79,19 @@ class WeightCodec:
         return groupwise.weight_nbytes(self.shape, self.quant, self.dim)
 
     def encode(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight -> its stored bytes."""
+        return self.finish(self.encode_portable(w))
+
+    def encode_portable(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight -> bytes of the same size as stored, in a form that does not depend on this CPU (the row
+        format, before any fused-kernel layout): what the encoded-weight cache keeps."""
         if self.quant is None:
             return w.to(self.storage).contiguous().reshape(-1).view(torch.uint8)
 
-        data = groupwise.encode_weight(w, self.quant, self.dim)
+        return groupwise.encode_weight(w, self.quant, self.dim)
+
+    def finish(self, data: torch.Tensor) -> torch.Tensor:
+        """Portable bytes (encode_portable) -> stored bytes: a cheap reordering for the fused kernel, else as is."""
         if self.fused:
             return to_kernel(data.view(self.shape[0], -1), self.shape, self.quant)
         return data

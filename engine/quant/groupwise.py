@@ -1,16 +1,18 @@
-"""Group-wise asymmetric min-max quantization (FlexGen's compression), 2 to 8 bits, as a byte codec.
+"""Group-wise asymmetric quantization (FlexGen's compression), 2 to 8 bits, as a byte codec.
 
 Values are split into groups of `group` consecutive elements along the last dimension. Each group
-stores its minimum and its step Δ = (max − min) / (2^b − 1) in fp16, and every value becomes the
-b-bit code round((x − min) / Δ). Codes are bit-packed little-endian (value i of a row occupies bits
-[b·i, b·i + b) of the row's packed bytes), so 4-bit codes go two per byte, low nibble first.
+stores its minimum and its step Δ in fp16, and every value becomes the b-bit code
+clamp(round((x − min) / Δ), 0, 2^b − 1). FlexGen's min-max takes Δ = (max − min) / (2^b − 1); the
+error-minimizing fit (engine.quant.fit) chooses (min, Δ) per group for the least squared error.
+Codes are bit-packed little-endian (value i of a row occupies bits [b·i, b·i + b) of the row's packed
+bytes), so 4-bit codes go two per byte, low nibble first.
 
 One encoded row is self-contained, so the KV cache can append and read single token rows:
 
     [ceil(m·b/8) packed code bytes][G fp16 minimums][G fp16 steps]      G = ceil(m / group)
 
-The stored minimum is rounded down to fp16 and the stored step up, so every value of a group lies
-inside [min, min + (2^b − 1)·Δ] as stored and the round-trip error is at most Δ/2 plus fp32 noise.
+With min-max, the stored minimum is rounded down to fp16 and the stored step up, so every value of a
+group lies inside [min, min + (2^b − 1)·Δ] as stored and the round-trip error is at most Δ/2 plus fp32 noise.
 Inputs beyond the fp16 range (|x| > 65504) are clamped to it, so no group parameter becomes inf or nan.
 All work is whole-tensor torch ops over blocks of rows (no Python loop over rows or groups), on any
 device. Grouping along a weight's output dimension (dim=0) encodes its transpose, which costs one
@@ -27,23 +29,30 @@ from dataclasses import dataclass
 import torch
 
 from engine.errors import UserError
+from engine.quant.fit import FITS, minmax_params, mse_params
 
-_FP16_MAX = 65504.0
 _ROUND_MAGIC = float(1 << 23)
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """Bit width (2..8) and group size of the quantizer."""
+    """Bit width (2..8) and group size of the quantizer, and how each group's (min, step) is chosen.
+
+    `fit` changes only encoding (engine.quant.fit): "minmax" is FlexGen's, "mse" minimizes the squared
+    reconstruction error, costlier, so it is for weights encoded once, not for the KV cache written per step.
+    """
 
     bits: int = 4
     group: int = 64
+    fit: str = "minmax"
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise UserError(f"compression bits must be an integer from 2 to 8, got {self.bits!r}")
         if not isinstance(self.group, int) or self.group < 1:
             raise UserError(f"compression group size must be a positive integer, got {self.group!r}")
+        if self.fit not in FITS:
+            raise UserError(f"compression fit must be one of {', '.join(FITS)}, got {self.fit!r}")
 
     @property
     def levels(self) -> int:
@@ -133,20 +142,6 @@ def _unpack(packed: torch.Tensor, bits: int, codes: torch.Tensor, moved: torch.T
         lanes.bitwise_and_(keep).bitwise_or_(moved)
 
 
-# -- per-group parameters ----------------------------------------------------------------------------
-
-def _group_params(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp16 (min, step) per group from its fp32 extremes, rounded so that they cover the group."""
-    lo, hi = lo.clamp(-_FP16_MAX, _FP16_MAX), hi.clamp(-_FP16_MAX, _FP16_MAX)
-    mn = lo.to(torch.float16)
-    down = torch.nextafter(mn, torch.full_like(mn, -torch.inf))
-    mn = torch.where(mn.float() > lo, down, mn)
-    step = ((hi - mn.float()) / spec.levels).to(torch.float16)  # at most 131008 / 3: no overflow
-    up = torch.nextafter(step, torch.full_like(step, torch.inf))  # also lifts a step that underflowed to 0
-    step = torch.where(mn.float() + spec.levels * step.float() < hi, up, step)
-    return mn, step
-
-
 # -- rows --------------------------------------------------------------------------------------------
 # Rows go through in blocks whose fp32 scratch is allocated once per call and reused: on a CPU a block
 # stays cache-sized and no large buffer is freshly allocated (page faults) per step; on a GPU the block
@@ -197,9 +192,10 @@ def encode_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         rows = rows.contiguous()
     out = torch.empty(rows.shape[0], nbytes, dtype=torch.uint8, device=x.device)
     block_rows, blocks = row_blocks(rows.shape[0], m, x.device)
-    scratch, codes_scratch, moved_scratch = scratch_tensors(
+    fit_rows = block_rows if spec.fit == "mse" else 0
+    scratch, codes_scratch, moved_scratch, *fit_work = scratch_tensors(
         x.device, ((block_rows, num_groups * g), torch.float32), ((block_rows, -(-m // 8) * 8), torch.uint8),
-        ((block_rows, -(-m // 8)), torch.int64))
+        ((block_rows, -(-m // 8)), torch.int64), *[((fit_rows, num_groups, g), torch.float32)] * 2)
     codes_scratch.zero_()
     for block in blocks:
         n = rows[block].shape[0]
@@ -208,7 +204,10 @@ def encode_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         if num_groups * g != m:  # pad the short last group with its own last value: min/max unchanged
             values[:, m:] = values[:, m - 1:m]
         groups = values.view(n, num_groups, g)
-        mn, step = _group_params(groups.amin(-1), groups.amax(-1), spec)
+        if spec.fit == "mse":
+            mn, step = mse_params(groups, spec.levels, tuple(w[:n] for w in fit_work))
+        else:
+            mn, step = minmax_params(groups.amin(-1), groups.amax(-1), spec.levels)
         inv = torch.where(step > 0, 1.0 / step.float(), 0.0)  # a constant group has step 0: codes 0
         groups.sub_(mn.float().unsqueeze(-1)).mul_(inv.unsqueeze(-1)).clamp_(0, spec.levels)
         # Adding 2^23 rounds to the nearest integer (ties to even, as round() does) and leaves the code

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from engine.errors import UserError
+from engine.storage.arena import HostArena
 from engine.storage.host_memory import available_ram
 
 ALIGN = 4096
@@ -70,15 +71,24 @@ class Tier:
     def store(self, nbytes: int, tag: str) -> MemoryStore:
         return MemoryStore(self, nbytes)
 
+    def stores(self, sizes: list[int], tags: list[str]) -> list[MemoryStore]:
+        """Stores of these sizes made at once (a model's weights): on the host, views of one HostArena,
+        pinned once where the tier pins; on a GPU, one allocation each, as its caching allocator serves them."""
+        if self.device.type != "cpu":
+            return [self.store(n, tag) for n, tag in zip(sizes, tags, strict=True)]
+        arena = HostArena(sizes, pin=self.pin)
+        return [MemoryStore(self, n, arena.view(i)) for i, n in enumerate(sizes)]
+
 
 class MemoryStore:
-    """A byte buffer on a memory tier (pinned host memory for the cpu tier of a GPU machine)."""
+    """A byte buffer on a memory tier: its own allocation, or a view of a HostArena (`buf`)."""
 
-    def __init__(self, tier: Tier, nbytes: int):
+    def __init__(self, tier: Tier, nbytes: int, buf: torch.Tensor | None = None):
         tier.alloc(nbytes)
         self.tier, self.nbytes = tier, nbytes
-        pin = tier.pin and tier.device.type == "cpu" and torch.cuda.is_available()
-        self.buf = torch.empty(nbytes, dtype=torch.uint8, device=tier.device, pin_memory=pin)
+        pin = tier.pin and tier.device.type == "cpu"
+        self.buf = buf if buf is not None else torch.empty(nbytes, dtype=torch.uint8, device=tier.device,
+                                                          pin_memory=pin)
 
     def write(self, offset: int, data: torch.Tensor) -> None:
         flat = data.reshape(-1)
@@ -156,6 +166,10 @@ class DiskTier(Tier):
             self._serial += 1
             path = self.folder / f"{self._serial:06d}-{tag}.bin"
         return DiskStore(self, path, nbytes)
+
+    def stores(self, sizes: list[int], tags: list[str]) -> list[DiskStore]:  # type: ignore[override]
+        """A file each: the disk tier has no arena."""
+        return [self.store(n, tag) for n, tag in zip(sizes, tags, strict=True)]
 
     def close(self) -> None:
         self._finalizer()
@@ -282,6 +296,6 @@ def make_tiers(device: torch.device, gpu_mem: int | None, cpu_mem: int | None, o
     cpu_cap = cpu_mem if cpu_mem is not None else available_ram()
     return {
         "gpu": Tier("gpu", device, gpu_cap),
-        "cpu": Tier("cpu", torch.device("cpu"), cpu_cap, pin=pin),
+        "cpu": Tier("cpu", torch.device("cpu"), cpu_cap, pin=pin and device.type == "cuda"),  # pinned for uploads
         "disk": DiskTier(offload_dir, disk_mem, direct_io),
     }

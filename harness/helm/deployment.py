@@ -22,17 +22,18 @@ from harness.files import write_text_atomic
 ORG = "flexhelm"
 CLIENT_CLASS = "harness.helm.client.EngineClient"
 TOKENIZER_CLASS = "harness.helm.tokenizer.EngineTokenizer"
-# Policy fields that change no output bit: where tensors live and how their I/O runs (placements are
-# proven exact in tests/harness/test_harness_units.py). Batching is left out too, though it is not
-# exact: a row's last bits depend on which rows share its block (their padding), which no key can
-# name, so a key on the block size would make cache hits rarer without making them exact.
+# Policy fields that change no output beyond fp32 rounding: where tensors live and how their I/O runs
+# (placements give the same tokens and log-probs within 2e-6, tests/harness/test_harness_units.py: on a
+# CPU a resident weight's product is summed in another order than an offloaded one's). Batching is left
+# out too, for the same reason: a row's last bits depend on which rows share its block (their padding),
+# which no key can name, so a key on the block size would make cache hits rarer without making them exact.
 OUTPUT_NEUTRAL = (*PERCENT_FIELDS, "overlap", "pin_weight", "direct_io", "gpu_batch_size", "num_gpu_batches",
                   "return_freed_memory")  # the C allocator's threshold: where freed memory goes, not values
 # How a compression variant names itself in HELM, as data: per switch, (prefix, field) pairs; the bits are
 # always named, the other fields only where they differ from the default. Defaults give the compression
 # label the output folders and reports use (w4c4, ...).
 VARIANT_FIELDS = (("compress_weight", (("w", "comp_weight_bits"), ("g", "comp_weight_group"),
-                                       ("dim", "comp_weight_dim"))),
+                                       ("dim", "comp_weight_dim"), ("", "comp_weight_fit"))),
                   ("compress_cache", (("c", "comp_cache_bits"), ("g", "comp_cache_group"))))
 
 

@@ -17,6 +17,8 @@ def test_cpu_mode_writes_every_check(tmp_path):
     rows = json.loads((tmp_path / "gpu_bench.json").read_text())["rows"]
     in_memory = [r for r in rows if r["system"] == "engine vs HF generate"]
     assert [r["batch"] for r in in_memory] == [1, 4] and all(r["tok/s"] > 0 and r["peer tok/s"] > 0 for r in in_memory)
+    eager = [r for r in rows if r["system"] == "engine --no-cuda-graphs vs HF generate"]
+    assert [r["batch"] for r in eager] == [1, 4] and all(r["tok/s"] > 0 and "error" not in r for r in eager)
     offload = next(r for r in rows if r["system"] == "engine vs FlexGen 0.1.8")
     assert offload["engine"]["generated_tokens"] == 4 * 4 and offload["engine"]["peak_bytes"]["cpu"] > 0
     assert offload["flexgen"] == {"error": "FlexGen needs CUDA"}

@@ -11,7 +11,8 @@ from engine.policy import Policy
 
 # Transients dominate: large GPU batches of a small model, the cache half on disk and attended on the host.
 LARGE_BATCHES = Case("bound", "opt-125m",
-                     Policy(gpu_batch_size=128, num_gpu_batches=2, cpu_cache_compute=True, storage_dtype="fp16")
+                     Policy(gpu_batch_size=128, num_gpu_batches=2, cpu_cache_compute=True, storage_dtype="fp16",
+                            return_freed_memory=True)
                      .with_percent(100, 0, 0, 50, 100, 0).to_dict(), 256, 48, 4, "2GiB", "2GiB", temperature=0.7)
 
 

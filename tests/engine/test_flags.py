@@ -29,7 +29,8 @@ def test_every_policy_field_has_a_flag_that_sets_it(field: dataclasses.Field) ->
     if isinstance(field.default, bool):
         argv, expected = ([f"--no-{flag[2:]}"], False) if field.default else ([flag], True)
     else:
-        value = {"compute_dtype": "bf16", "storage_dtype": "fp16", "comp_weight_dim": 1, "threads": 3}.get(
+        value = {"compute_dtype": "bf16", "storage_dtype": "fp16", "comp_weight_dim": 0, "comp_weight_fit": "minmax",
+                 "threads": 3}.get(
             field.name, field.default + 1 if isinstance(field.default, int) else None)
         argv, expected = [flag, str(value)], value
     assert getattr(parse(*argv), field.name) == expected
@@ -45,9 +46,9 @@ def test_shorthands_set_weights_and_cache_and_yield_to_specific_flags() -> None:
 
 
 def test_percent_compress_and_alias() -> None:
-    p = parse("--percent", "20", "80", "0", "100", "0", "100", "--compress", "both", "--comp-dim", "1")
+    p = parse("--percent", "20", "80", "0", "100", "0", "100", "--compress", "both", "--comp-dim", "0")
     assert p.percent == (20, 80, 0, 100, 0, 100)
-    assert p.compress_weight and p.compress_cache and p.comp_weight_dim == 1
+    assert p.compress_weight and p.compress_cache and p.comp_weight_dim == 0
 
 
 def test_usage_errors_are_one_line() -> None:

@@ -138,3 +138,14 @@ def test_padding_efficiency_on_mmlu_prompts(smollm2):
 
 def test_no_stray_files_in_cwd():
     assert not list(Path(os.getcwd()).glob("flexhelm-*"))
+
+
+@pytest.mark.parametrize("opt_in", [False, True])
+def test_glibc_threshold_is_set_only_when_the_policy_asks(tiny_models, monkeypatch, opt_in):
+    """The mmap threshold is the whole process's (it slows HF in the same process): Engine.load leaves it
+    alone unless `Policy.return_freed_memory` asks, as the memory-bound benchmarks do."""
+    from engine import memory
+    calls = []
+    monkeypatch.setattr(memory, "return_freed_memory", lambda: calls.append(1) or True)
+    with Engine.load(tiny_models["opt"], policy=Policy(return_freed_memory=opt_in), device="cpu"):
+        assert len(calls) == int(opt_in)

@@ -58,8 +58,8 @@ REQ = Request(model="flexhelm/x", model_deployment="flexhelm/x", prompt="Hi", ma
 # until it is listed here or proven neutral.
 NUMERIC_CHANGES = {
     "compress_weight": True, "compress_cache": True, "comp_weight_bits": 3, "comp_weight_group": 32,
-    "comp_weight_dim": 1, "comp_cache_bits": 3, "comp_cache_group": 32, "fused_int4": False,
-    "cpu_cache_compute": True, "threads": 1,
+    "comp_weight_dim": 0, "comp_weight_fit": "minmax", "comp_cache_bits": 3, "comp_cache_group": 32,
+    "fused_int4": False, "cpu_cache_compute": True, "threads": 1, "cuda_graphs": False,
 }
 
 
@@ -110,9 +110,11 @@ def test_request_key_takes_dtypes_the_engine_resolved(tiny_models):
 
 
 @pytest.mark.parametrize("name", ["opt", "llama"])
-def test_placements_are_bit_exact(tiny_models, tmp_path, name):
+def test_placements_agree_to_float_rounding(tiny_models, tmp_path, name):
     """Why placement is left out of the request key: with the same batching, every placement and I/O
-    setting of the engine's policy matrix gives bit-identical tokens and logprobs."""
+    setting of the engine's policy matrix gives the same tokens, and log-probs equal to fp32 rounding (on a
+    CPU a resident weight is multiplied from an (in, out) layout, engine.runtime.InputMajor, an offloaded
+    one by F.linear: the same products, summed in another order)."""
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28], [40, 41, 42, 43]]
     outputs = []
     for policy in POLICIES.values():
@@ -120,7 +122,11 @@ def test_placements_are_bit_exact(tiny_models, tmp_path, name):
         with Engine.load(tiny_models[name], policy=policy, offload_dir=tmp_path) as engine:
             outs = engine.generate(prompts, max_new_tokens=4, echo_prompt=True)
         outputs.append([(o.token_ids, o.logprobs, o.prompt_logprobs) for o in outs])
-    assert all(out == outputs[0] for out in outputs[1:])
+    for out in outputs[1:]:
+        for (tokens, lps, prompt_lps), (ref_tokens, ref_lps, ref_prompt_lps) in zip(out, outputs[0], strict=True):
+            assert tokens == ref_tokens
+            assert lps == pytest.approx(ref_lps, abs=2e-6, rel=0)
+            assert prompt_lps[1:] == pytest.approx(ref_prompt_lps[1:], abs=2e-6, rel=0)
 
 
 def test_request_cache_roundtrip(tmp_path):
