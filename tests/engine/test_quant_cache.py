@@ -49,7 +49,7 @@ def test_the_cache_is_keyed_by_scheme_and_checkpoint(tiny_models, cache):
     _run(tiny_models["llama"], W4)
     for policy, model in [(Policy(compress_weight=True, comp_weight_dim=1, comp_weight_group=64), "llama"),
                           (Policy(compress_weight=True, comp_weight_dim=1, comp_weight_group=32,
-                                  comp_weight_fit="minmax"), "llama"),
+                                  comp_weight_fit="mse"), "llama"),
                           (W4, "opt")]:
         before = calls["n"]
         _run(tiny_models[model], policy)
