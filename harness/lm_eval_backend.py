@@ -37,9 +37,9 @@ from tqdm import tqdm
 
 from engine.flags import load_engine
 from harness.batching import plan_engine_calls
+from harness.helm.executor import KILL_AFTER_CALLS_ENV  # the HELM executor's test hook, same meaning
 from harness.lm_eval_args import AUTO_GEN_LEN, AUTO_PROMPT_LEN, LM_EVAL_KEYS, parse_options
 
-KILL_AFTER_CALLS_ENV = "FLEXHELM_TEST_KILL_AFTER_CALLS"  # the HELM executor's hook, same meaning
 log = logging.getLogger("lm_eval.flexhelm")  # under lm-eval's logger, so its CLI shows it
 
 # ((context, continuation) or None, context tokens, continuation tokens): TemplateLM's scoring request

@@ -29,8 +29,7 @@ from scipy import stats
 
 from engine.errors import UserError, cli_main
 from engine.flags import ArgumentParser
-from harness import lm_eval_samples
-from harness.lm_eval_samples import is_lm_eval_output
+from harness.lm_eval_samples import is_lm_eval_output, paired
 from harness.report.runs import changed_rate, compression_variants, load_report, pair_runs, paired_instances
 
 DEFAULT_MAX_DROP = 5.0  # points
@@ -110,7 +109,7 @@ def regress(candidate: Path, baseline: Path | None, max_drop: float, max_changed
             alpha: float) -> pd.DataFrame:
     if baseline is not None and is_lm_eval_output(candidate) and is_lm_eval_output(baseline):
         table = pd.DataFrame([judge(task, variants, metric, mc, inst, max_drop, max_changed, alpha)
-                              for task, variants, metric, mc, inst in lm_eval_samples.paired(baseline, candidate)
+                              for task, variants, metric, mc, inst in paired(baseline, candidate)
                               if len(inst)])
     else:
         base, cand, base_root = _split_variants(candidate, baseline)

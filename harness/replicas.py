@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from engine.errors import UserError
-from harness.blocks import Block, longest_first
+from harness.blocks import Block, longest_first, run_block
 from harness.generation import CallStats
 from harness.helm.deployment import EngineSpec
 
@@ -128,8 +128,6 @@ class Replica:
                 "host": socket.gethostname(), "pid": os.getpid()}
 
     def run(self, block: Block) -> tuple[list, CallStats]:
-        from harness.blocks import run_block
-
         return run_block(self.plan.engine, self.plan.texts, block, self.spec.seed)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,13 +57,13 @@ class Planning:
     engine: Engine | None
 
 
-_texts: dict[int, TokenTexts] = {}
+_texts: weakref.WeakKeyDictionary[Engine, TokenTexts] = weakref.WeakKeyDictionary()  # per engine, gone with it
 
 
 def local_planning(spec: EngineSpec) -> Planning:
     """Planning on this process's own engine, loaded on first use."""
     engine = engine_for(spec)
-    texts = _texts.setdefault(id(engine), TokenTexts(engine.tokenizer))
+    texts = _texts.get(engine) or _texts.setdefault(engine, TokenTexts(engine.tokenizer))
     return Planning(output_identity(spec, engine), texts, engine)
 
 
