@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from engine.channel_keys import segment_bytes
 from engine.config import ModelConfig
 from engine.errors import UserError
 from engine.markdown import markdown_table
@@ -30,7 +31,7 @@ from engine.models.registry import adapter_for
 from engine.placement import place_layer_weights, split_count
 from engine.policy import TIERS, Policy, torch_dtype
 from engine.quant import int4_kernel
-from engine.quant.codec import RowCodec, WeightCodec
+from engine.quant.codec import WeightCodec
 from engine.quant.groupwise import QuantSpec
 from engine.storage.host_memory import available_ram
 from engine.storage.tiers import DiskStore, human
@@ -243,12 +244,14 @@ def _cache_phase(cfg: ModelConfig, policy: Policy, rows: int, keys: int, storage
         elems = 2 * rows * keys * (h1 - h0) * cfg.head_dim
         value = storage_elem if plain else 4 if attend.type == "cpu" else compute_elem
         where = "cpu" if on_host and device.type == "cuda" else "gpu"
-        stored = rows * keys * RowCodec((h1 - h0) * cfg.head_dim, storage, cache_quant, vector=cfg.head_dim).row_bytes
+        sizes = segment_bytes(rows, h1 - h0, cfg.head_dim, keys, storage, cache_quant, policy.comp_cache_keys)
+        # channel-grouped keys are joined with their window: one more copy of K
+        joined = elems // 2 * value if "kw" in sizes else 0
         if resident:
-            out[where] += 0 if plain else elems * value
+            out[where] += (0 if plain else elems * value) + joined
         else:
-            out[where] += 3 * elems * value
-            out["cpu"] += 2 * stored if tier == "disk" else 0
+            out[where] += 3 * elems * value + joined
+            out["cpu"] += sum(sizes.values()) if tier == "disk" else 0
     return out
 
 
@@ -269,6 +272,8 @@ def _batch_transient(cfg: ModelConfig, policy: Policy, rows: int, length: int, s
     keys = length + steps
     prefill = zero()
     prefill["gpu"] = rows * length * (per_token + length * (compute_elem + 1))  # intermediates and the mask
+    if cache_quant is not None and policy.comp_cache_keys == "channel":
+        prefill["gpu"] += rows * length * cfg.kv_heads * cfg.head_dim * 4  # the computed keys beside their copy
     prefill["cpu"] = _host_attention(cfg, policy, rows, length, compute_elem, device)
     decode = _cache_phase(cfg, policy, rows, keys, storage, compute_elem, cache_quant, device)
     decode["gpu"] += rows * (per_token + keys * (compute_elem + 1))
@@ -291,8 +296,9 @@ def block_parts(cfg: ModelConfig, policy: Policy, batches: list[tuple[int, int]]
     cache, act, transient = zero(), zero(), zero()
     for rows, length in batches:
         for tier, (h0, h1) in split_count(cfg.kv_heads, policy.split("cache")).items():
-            codec = RowCodec(rows * (h1 - h0) * cfg.head_dim, storage, cache_quant, vector=cfg.head_dim)
-            cache[tier] += 2 * cfg.n_layers * (length + steps) * codec.row_bytes
+            sizes = segment_bytes(rows, h1 - h0, cfg.head_dim, length + steps, storage, cache_quant,
+                                  policy.comp_cache_keys)
+            cache[tier] += cfg.n_layers * sum(sizes.values())
         for tier, (a, b) in split_count(rows * length * cfg.hidden, policy.split("act")).items():
             act[tier] += (b - a) * compute_elem
         one = _batch_transient(cfg, policy, rows, length, steps, storage, compute_elem, cache_quant, device, echo)

@@ -17,6 +17,8 @@ import torch
 
 from engine.errors import UserError
 
+KEY_GROUPINGS = ("channel", "token")  # how a compressed cache groups keys: engine.channel_keys
+
 TIERS = ("gpu", "cpu", "disk")
 PERCENT_FIELDS = ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent",
                   "act_gpu_percent", "act_cpu_percent")
@@ -66,6 +68,12 @@ class Policy:
         "on a CPU, run decode-step products of 4-bit dim-1 weights in torch's fused int4 kernel (bf16 activations)"))
     comp_cache_bits: int = field(default=4, metadata=_opt("bits per compressed KV-cache value (2-8)"))
     comp_cache_group: int = field(default=64, metadata=_opt("group size of the compressed KV cache"))
+    # channel: keys grouped per channel over blocks of comp_cache_group tokens, the unfinished block kept in
+    # the storage dtype (KIVI; engine.channel_keys), which cut SmolLM2's cache-only perplexity cost from 1.17x
+    # to 1.03x in issue 19's measurement; token: FlexGen's groups along each token's head dimension.
+    comp_cache_keys: str = field(default="channel", metadata=_opt(
+        "group compressed keys per channel over blocks of tokens (KIVI) or per token (FlexGen)", type=str,
+        choices=KEY_GROUPINGS))
     compute_dtype: str | None = field(default=None, metadata=_opt(
         "precision of compute (default: fp32 on a CPU, fp16 on a GPU)", type=str, choices=tuple(DTYPES)))
     storage_dtype: str | None = field(default=None, metadata=_opt(
@@ -113,7 +121,8 @@ class Policy:
         pct = " ".join(f"{kind}{self.percent[2 * i]:g}/{self.percent[2 * i + 1]:g}" for i, kind in enumerate("wca"))
         flags = (("cpu-attn", self.cpu_cache_compute), ("no-overlap", not self.overlap),
                  (f"w{self.comp_weight_bits}-dim{self.comp_weight_dim}", self.compress_weight),
-                 (f"c{self.comp_cache_bits}", self.compress_cache), ("direct-io", self.direct_io),
+                 (f"c{self.comp_cache_bits}", self.compress_cache),
+                 ("token-keys", self.compress_cache and self.comp_cache_keys == "token"), ("direct-io", self.direct_io),
                  ("no-fused-int4", not self.fused_int4 and self.compress_weight))
         parts = ([f"{self.gpu_batch_size}x{self.num_gpu_batches}"] if block else []) + [pct]
         return " ".join(parts + [name for name, on in flags if on])
@@ -147,6 +156,9 @@ class Policy:
                 raise UserError(f"policy: comp_{kind}_bits must be between 2 and 8, got {bits}")
             if group < 2:
                 raise UserError(f"policy: comp_{kind}_group must be at least 2, got {group}")
+        if self.comp_cache_keys not in KEY_GROUPINGS:
+            raise UserError(f"policy: comp_cache_keys must be one of {', '.join(KEY_GROUPINGS)}, got "
+                            f"{self.comp_cache_keys!r}")
         if self.comp_weight_dim not in (0, 1):
             raise UserError(f"policy: comp_weight_dim must be 0 (output) or 1 (input), got "
                             f"{self.comp_weight_dim}")

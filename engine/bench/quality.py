@@ -32,24 +32,27 @@ class Variant:
     compress_cache: bool = False
     bits: int = 4
     dim: int = 1
-    fit: str = "mse"
+    fit: str = "minmax"
+    keys: str = "channel"
 
     def policy(self, base: Policy) -> Policy:
         """`base` with this variant's compression (its group sizes are kept)."""
         return dataclasses.replace(base, compress_weight=self.compress_weight, compress_cache=self.compress_cache,
                                    comp_weight_bits=self.bits, comp_cache_bits=self.bits, comp_weight_dim=self.dim,
-                                   comp_weight_fit=self.fit)
+                                   comp_weight_fit=self.fit, comp_cache_keys=self.keys)
 
 
 def table_variants() -> list[Variant]:
     """The README table: 4/3/2 bits; weights, cache, both; both weight-grouping dimensions, each with
-    FlexGen's min-max fit ("minmax", FlexGen's own default at dim 0) and the error-minimizing one."""
+    FlexGen's min-max fit ("minmax", FlexGen's own default at dim 0) and the error-minimizing one; keys
+    grouped per channel (the default) and per token (FlexGen's, "token-keys"), and FlexGen's whole scheme."""
     out = [Variant("none")]
     for bits in (4, 3, 2):
         weights = [(dim, fit) for dim in (0, 1) for fit in ("minmax", "mse")]
         out += [Variant(f"w{bits} dim{dim} {fit}", True, False, bits, dim, fit) for dim, fit in weights]
-        out.append(Variant(f"c{bits}", False, True, bits))
+        out += [Variant(f"c{bits}", False, True, bits), Variant(f"c{bits} token-keys", False, True, bits, keys="token")]
         out += [Variant(f"w{bits}c{bits} dim{dim} {fit}", True, True, bits, dim, fit) for dim, fit in weights]
+        out.append(Variant(f"w{bits}c{bits} dim0 minmax token-keys", True, True, bits, 0, "minmax", "token"))
     return out
 
 

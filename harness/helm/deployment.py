@@ -34,7 +34,7 @@ OUTPUT_NEUTRAL = (*PERCENT_FIELDS, "overlap", "pin_weight", "direct_io", "gpu_ba
 # label the output folders and reports use (w4c4, ...).
 VARIANT_FIELDS = (("compress_weight", (("w", "comp_weight_bits"), ("g", "comp_weight_group"),
                                        ("dim", "comp_weight_dim"), ("", "comp_weight_fit"))),
-                  ("compress_cache", (("c", "comp_cache_bits"), ("g", "comp_cache_group"))))
+                  ("compress_cache", (("c", "comp_cache_bits"), ("g", "comp_cache_group"), ("", "comp_cache_keys"))))
 
 
 def variant_name(policy: Policy) -> str:

@@ -20,15 +20,31 @@ MIXED = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28]
 W4C4 = dict(compress_weight=True, compress_cache=True)
 
 
-def test_placement_never_changes_compressed_outputs(tiny_models, tmp_path):
+@pytest.mark.parametrize("keys", ["channel", "token"])
+def test_placement_never_changes_compressed_outputs(tiny_models, tmp_path, keys):
+    """Groups of 4 cache positions, so the prompts' and generations' key blocks fill and are coded."""
     reference = None
     for name, policy in POLICIES.items():
-        with Engine.load(tiny_models["llama"], policy=dataclasses.replace(policy, **W4C4), offload_dir=tmp_path) as eng:
+        policy = dataclasses.replace(policy, **W4C4, comp_cache_group=4, comp_cache_keys=keys)
+        with Engine.load(tiny_models["llama"], policy=policy, offload_dir=tmp_path) as eng:
             outs = [(o.token_ids, o.logprobs) for o in eng.generate(MIXED, max_new_tokens=5)]
         reference = reference or outs
         for (tokens, lps), (ref_tokens, ref_lps) in zip(outs, reference, strict=True):
             assert tokens == ref_tokens, name
             assert max(abs(a - b) for a, b in zip(lps, ref_lps, strict=True)) < 1e-4, name
+
+
+@pytest.mark.parametrize("keys", ["channel", "token"])
+@pytest.mark.parametrize("split", ["all-gpu", "cache-half-disk", "cache-cpu-compute"])
+def test_compressed_prompt_scoring_equals_decoding(tiny_models, tmp_path, keys, split):
+    """A prompt scored in one prefill gets the log-probs its tokens got when generated one by one: a query
+    never sees keys coded with statistics of later positions (engine.channel_keys), in any layout."""
+    policy = dataclasses.replace(POLICIES[split], compress_cache=True, comp_cache_group=4, comp_cache_keys=keys)
+    with Engine.load(tiny_models["llama"], policy=policy, device="cpu", offload_dir=tmp_path) as eng:
+        for prompt in ([5, 6, 7, 8, 9, 10], [12, 13, 14]):
+            made = eng.generate([prompt], max_new_tokens=9)[0]
+            scored = eng.generate([prompt + made.token_ids], max_new_tokens=0, echo_prompt=True)[0]
+            torch.testing.assert_close(scored.prompt_logprobs[len(prompt):], made.logprobs, atol=2e-5, rtol=0)
 
 
 def _weights_and_reads(policy: Policy, tmp_path) -> tuple[int, int, int]:

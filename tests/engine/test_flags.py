@@ -30,7 +30,7 @@ def test_every_policy_field_has_a_flag_that_sets_it(field: dataclasses.Field) ->
         argv, expected = ([f"--no-{flag[2:]}"], False) if field.default else ([flag], True)
     else:
         value = {"compute_dtype": "bf16", "storage_dtype": "fp16", "comp_weight_dim": 0, "comp_weight_fit": "mse",
-                 "threads": 3}.get(
+                 "comp_cache_keys": "token", "threads": 3}.get(
             field.name, field.default + 1 if isinstance(field.default, int) else None)
         argv, expected = [flag, str(value)], value
     assert getattr(parse(*argv), field.name) == expected

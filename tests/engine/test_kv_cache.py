@@ -56,6 +56,22 @@ def _stored(rt, x: torch.Tensor) -> torch.Tensor:
                                  torch.float32).double()
 
 
+def _by_channel(rt) -> bool:
+    return rt.cache_quant is not None and rt.policy.comp_cache_keys == "channel"
+
+
+def _keys_seen(rt, keys: torch.Tensor, query: int) -> torch.Tensor:
+    """The keys (b, t, h, d) a query at position `query` attends over. Channel-grouped: every whole block
+    before the query's own, each channel's `group` values quantized as one group; the rest as stored."""
+    if not _by_channel(rt):
+        return _stored(rt, keys)
+    group, raw = rt.cache_quant.group, keys.to(rt.storage_dtype)
+    own = query // group * group
+    blocks = [raw[:, j:j + group].permute(0, 2, 3, 1) for j in range(0, own, group)]  # (b, h, d, group)
+    coded = [_stored(rt, block.float()).permute(0, 3, 1, 2) for block in blocks]
+    return torch.cat([*coded, raw[:, own:].double()], dim=1)
+
+
 def _reference(q, k, v, allowed, scale: float) -> torch.Tensor:
     """Softmax attention in fp64 over every key, query head i on KV head i // group, as HF does."""
     group = q.shape[2] // k.shape[2]
@@ -72,17 +88,34 @@ def _run(rt, cache: LayerCache, spy: list):
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[rt.storage_dtype]
     for s in PASSES:
         q, k, v = _inputs(rt, s, gen)
-        keys.append(_stored(rt, k))
+        keys.append(k)
         values.append(_stored(rt, v))
         allowed = _allowed(t0, s)
         spy.clear()
         out = cache.attend(cache.fetch(), allowed, q, k, v, q.shape[-1] ** -0.5)
-        assert len(spy) == len(cache.segments) and out.dtype == q.dtype
-        expected = _reference(q, torch.cat(keys, dim=1), torch.cat(values, dim=1), allowed, q.shape[-1] ** -0.5)
+        # one attention call a segment; channel-grouped keys one per block of this pass's queries
+        calls = [(t0 + s - 1) // seg.keys.group - t0 // seg.keys.group + 1 if seg.keys else 1 for seg in cache.segments]
+        assert len(spy) == sum(calls) and out.dtype == q.dtype
+        expected = torch.cat([_reference(q[:, i:i + 1], _keys_seen(rt, torch.cat(keys, dim=1), t0 + i),
+                                         torch.cat(values, dim=1), allowed[:, i:i + 1], q.shape[-1] ** -0.5)
+                              for i in range(s)], dim=1)
         real = torch.tensor(PADS)[:, None] <= t0 + torch.arange(s)  # a left pad's own output is never used
         torch.testing.assert_close(out.double()[real], expected[real], atol=tol, rtol=tol)
         t0 += s
         yield s
+
+
+def _bytes_per_generation(rt, seg) -> int:
+    """What a segment's stores take over PASSES: each position once, as a token row or, for channel-grouped
+    keys, in its block once the block is whole and in the window while it is not."""
+    rows = sum(PASSES) * seg.codec.row_bytes
+    if seg.keys is None:
+        return 2 * rows
+    group, t0, window = seg.keys.group, 0, 0
+    for s in PASSES:
+        window += sum(1 for p in range(t0, t0 + s) if p >= (t0 + s) // group * group)
+        t0 += s
+    return rows + t0 // group * seg.keys.block_bytes + window * seg.keys.token_bytes
 
 
 def _written(rt) -> int:
@@ -127,22 +160,27 @@ def test_resident_cache_is_written_in_place_and_attended_as_views(tiny_models, t
         cache.close()
 
 
-@pytest.mark.parametrize("compress", [False, True], ids=["plain", "4-bit"])
-@pytest.mark.parametrize("split", ["cpu", "cpu-disk"])
+@pytest.mark.parametrize("compress", [None, "token", "channel"], ids=["plain", "4-bit", "4-bit-channel-keys"])
+@pytest.mark.parametrize("split", ["cpu", "cpu-disk", "gpu"])
 @pytest.mark.parametrize("name", ["opt", "llama"])
 def test_cpu_attention_equals_attention_over_what_the_cache_holds(tiny_models, tmp_path, spy, name, split, compress):
     """Streamed (disk) and compressed segments decode what attention needs; every pass still attends over
-    exactly the stored keys and values, and the stores are written each position once."""
-    policy = dataclasses.replace(SPLITS[split], compress_cache=compress, comp_cache_group=4)
+    exactly the stored keys and values, and the stores are written each position once. Channel-grouped keys
+    (groups of 4 positions here) are seen per query: blocks before its own quantized, its own as computed,
+    which the 5-position prefill crosses."""
+    policy = dataclasses.replace(SPLITS[split], compress_cache=compress is not None, comp_cache_group=4,
+                                 comp_cache_keys=compress or "channel")
     with Engine.load(tiny_models[name], policy=policy, device="cpu", offload_dir=tmp_path) as eng:
         rt = eng._rt
         cache = LayerCache(rt, BATCH, MAX_LEN)
-        assert {seg.tier for seg in cache.segments} == ({"cpu"} if split == "cpu" else {"cpu", "disk"})
+        tiers = {"cpu": {"cpu"}, "cpu-disk": {"cpu", "disk"}, "gpu": {"gpu"}}[split]
+        assert {seg.tier for seg in cache.segments} == tiers
+        assert all((seg.keys is not None) == (compress == "channel") for seg in cache.segments)
         before = _written(rt)
         for _ in _run(rt, cache, spy):
             pass
         cache.close()  # waits for the disk writes
-        assert _written(rt) - before == sum(2 * sum(PASSES) * seg.codec.row_bytes for seg in cache.segments)
+        assert _written(rt) - before == sum(_bytes_per_generation(rt, seg) for seg in cache.segments)
 
 
 @pytest.mark.parametrize("device", ["cpu", "cpu:0"])

@@ -56,15 +56,17 @@ def test_cache_and_activations_follow_the_policy_on_every_tier(tiny_models, tmp_
     assert (written["disk"] > 0) == (fractions(policy, "cache")["disk"] > 0 or fractions(policy, "act")["disk"] > 0)
 
 
-COMPRESSIONS = {"c4-g64": dict(comp_cache_bits=4, comp_cache_group=64),  # a group spans a whole head
-                "c3-g4": dict(comp_cache_bits=3, comp_cache_group=4)}  # several groups a head, codes across bytes
+COMPRESSIONS = {"c4-g64": dict(comp_cache_bits=4, comp_cache_group=64),  # a group spans a whole head or block
+                "c3-g4": dict(comp_cache_bits=3, comp_cache_group=4),  # several groups a head, codes across bytes
+                "c3-g4-token-keys": dict(comp_cache_bits=3, comp_cache_group=4, comp_cache_keys="token")}
 
 
 @pytest.mark.parametrize("comp", COMPRESSIONS.values(), ids=COMPRESSIONS.keys())
 @pytest.mark.parametrize("placement", ["three-tiers", "three-gpu-batches", "all-disk"])
 @pytest.mark.parametrize("name", ["opt", "llama"])
 def test_compressed_cache_is_stored_compressed_on_every_tier(tiny_models, tmp_path, name, placement, comp):
-    """Group-wise rows (engine.quant.groupwise) on gpu, cpu and disk alike, each a fraction of the plain row."""
+    """Group-wise rows (engine.quant.groupwise) on gpu, cpu and disk alike, each a fraction of the plain row;
+    keys grouped per channel in whole blocks plus a window of the unfinished block in the storage dtype."""
     policy = dataclasses.replace(PLACEMENTS[placement], compress_cache=True, **comp)
     _assert_tiers_hold_what_the_shapes_say(tiny_models[name], policy, tmp_path)
     cfg = load_folder_config(tiny_models[name])

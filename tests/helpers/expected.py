@@ -32,11 +32,40 @@ def blocks(lengths: list[int], policy: Policy) -> list[list[tuple[int, int]]]:
             for blk in (order[b:b + size] for b in range(0, len(order), size))]
 
 
-def token_head_bytes(cfg: ModelConfig, policy: Policy, storage_elem: int) -> int:
-    """Stored bytes of one position's K (or V) for one KV head of one sequence: plain, or one quantized vector."""
-    if policy.compress_cache:
-        return row_nbytes(cfg.head_dim, QuantSpec(policy.comp_cache_bits, policy.comp_cache_group))
-    return cfg.head_dim * storage_elem
+def token_head_bytes(cfg: ModelConfig, policy: Policy, storage_elem: int) -> float:
+    """Stored bytes of one position's K (or V) for one KV head of one sequence: plain, one quantized vector,
+    or for keys grouped per channel, a block's share (d channels of `group` positions coded as one group each)."""
+    if not policy.compress_cache:
+        return cfg.head_dim * storage_elem
+    spec = QuantSpec(policy.comp_cache_bits, policy.comp_cache_group)
+    if _by_channel(policy):
+        return cfg.head_dim * row_nbytes(spec.group, spec) / spec.group
+    return row_nbytes(cfg.head_dim, spec)
+
+
+def _by_channel(policy: Policy) -> bool:
+    return policy.compress_cache and policy.comp_cache_keys == "channel"
+
+
+def _head_bytes(cfg: ModelConfig, policy: Policy, storage_elem: int, length: int, passes: int) -> tuple[int, int]:
+    """(held, written) cache bytes of one KV head of one sequence in one layer, K and V, over a prefill of
+    `length` positions and passes − 1 decode steps. Channel-grouped keys hold whole blocks and a window of
+    group − 1 positions; each position is written once, to its block if that is whole by the end of the pass
+    that computed it, else to the window."""
+    positions = length + passes
+    if not _by_channel(policy):
+        token = int(token_head_bytes(cfg, policy, storage_elem))
+        return 2 * positions * token, 2 * (positions - 1) * token
+    spec = QuantSpec(policy.comp_cache_bits, policy.comp_cache_group)
+    group, value = spec.group, row_nbytes(cfg.head_dim, spec)
+    block = cfg.head_dim * row_nbytes(group, spec)
+    window = cfg.head_dim * storage_elem
+    held = positions * value + positions // group * block + min(group - 1, positions) * window
+    ends = [length + i for i in range(passes)]  # positions computed by the end of each pass
+    in_window = sum(1 for i, end in enumerate(ends) for p in range(ends[i - 1] if i else 0, end)
+                    if p >= end // group * group)
+    written = (positions - 1) * value + (positions - 1) // group * block + in_window * window
+    return held, written
 
 
 @dataclass
@@ -57,16 +86,16 @@ def expected_bytes(cfg: ModelConfig, policy: Policy, lengths: list[int], passes:
                    compute_elem: int) -> Expected:
     """What `passes` forward passes (a prefill, then decodes) over prompts of `lengths` store per tier."""
     heads = {t: b - a for t, (a, b) in split_count(cfg.kv_heads, fractions(policy, "cache")).items()}
-    token = token_head_bytes(cfg, policy, storage_elem)
     split = fractions(policy, "act")
     peak, most, written = _zero(), 0, _zero()
     for block in blocks(lengths, policy):  # one block at a time: each frees its cache before the next
         held, share, store = _zero(), 0, 0
         for rows, length in block:
+            head_held, head_written = _head_bytes(cfg, policy, storage_elem, length, passes)
             for t, h in heads.items():
                 # K and V of every layer with room for every position; each pass writes its new positions
-                held[t] += 2 * cfg.n_layers * (length + passes) * rows * h * token
-                written[t] += 2 * cfg.n_layers * (length + passes - 1) * rows * h * token
+                held[t] += cfg.n_layers * rows * h * head_held
+                written[t] += cfg.n_layers * rows * h * head_written
             # between layers every GPU batch holds its hidden states, the prefill's being the largest
             prefill = rows * length * cfg.hidden
             for t, (a, b) in split_count(prefill, split).items():
