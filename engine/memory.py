@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import functools
 import math
 import os
@@ -158,6 +159,14 @@ class Layout:
     weights: dict[str, int]  # per tier, the stored weights (weight_bytes)
 
 
+def _weight_quant(quant: QuantSpec | None, spec: LayerSpec, name: str) -> QuantSpec | None:
+    """A weight's quantizer. The LM head keeps min-max under any fit: its extreme weights set the logits
+    of the tokens they favour, and fitted (clipped) they cost SmolLM2 most of a fit's gain (issue 19)."""
+    if quant is not None and spec.kind == "head" and name in spec.tables:
+        return dataclasses.replace(quant, fit="minmax")
+    return quant
+
+
 def layout(cfg: ModelConfig, policy: Policy, device: torch.device, compute: torch.dtype,
            storage: torch.dtype) -> Layout:
     """Place every weight (engine.placement) and size the buffers its loads need; allocates nothing."""
@@ -166,7 +175,8 @@ def layout(cfg: ModelConfig, policy: Policy, device: torch.device, compute: torc
               if policy.compress_weight else None)
     placed: Placed = []
     for spec in specs:
-        codecs = {n: WeightCodec(s, storage, wquant if len(s) == 2 else None, policy.comp_weight_dim,
+        codecs = {n: WeightCodec(s, storage, _weight_quant(wquant, spec, n) if len(s) == 2 else None,
+                                 policy.comp_weight_dim,
                                  fused=policy.fused_int4 and n not in spec.tables
                                  and int4_kernel.supported(s, wquant, policy.comp_weight_dim, device))
                   for n, s in spec.shapes.items()}

@@ -56,12 +56,12 @@ class Policy:
     # SmolLM2 (issue 19: w4c4 perplexity ratio 1.62 vs 1.88 at groups of 64); --comp-dim 0 replicates FlexGen.
     comp_weight_dim: int = field(default=1, metadata=_opt(
         "group weights along the output (0) or input (1) dimension", choices=(0, 1), aliases=("--comp-dim",)))
-    # mse: each group's (min, step) minimizes the squared error (engine.quant.fit); minmax: FlexGen's. Same bytes.
-    # minmax stays the default: mse lowers the error by clipping each group's extremes, and clipped outlier
-    # weights made SmolLM2 answer "\n" to 95% of HELM's 5-shot MMLU prompts (docs/measurements.md).
-    comp_weight_fit: str = field(default="minmax", metadata=_opt(
-        "how compressed weights' groups are fitted: error-minimizing (mse) or FlexGen's min-max", type=str,
-        choices=("mse", "minmax")))
+    # How each group's (min, step) is chosen (engine.quant.fit); same bytes. weighted: least squared error with
+    # errors on large weights costing more (llama.cpp's k-quants); mse: least squared error, which clips groups'
+    # extremes and made SmolLM2 answer "\n" to HELM's 5-shot MMLU; minmax: FlexGen's. docs/measurements.md.
+    comp_weight_fit: str = field(default="weighted", metadata=_opt(
+        "how compressed weights' groups are fitted: error-minimizing with large weights kept close (weighted), "
+        "least squared error (mse), or FlexGen's min-max", type=str, choices=("weighted", "mse", "minmax")))
     # On a CPU, 4-bit weights grouped along dim 1 run small products (decode steps) in torch's fused int4
     # kernel with bf16 activations (engine.quant.int4_kernel); False keeps every product in compute_dtype.
     fused_int4: bool = field(default=True, metadata=_opt(

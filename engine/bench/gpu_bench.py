@@ -107,8 +107,9 @@ def offload_child(spec: dict) -> dict:
         folder.mkdir()
         (folder / "config.json").write_text(json.dumps({**OPT_30B, **spec.get("shape", {}),
                                                         "num_hidden_layers": spec["layers"]}))
-        policy = Policy(gpu_batch_size=gbs, num_gpu_batches=ngb, cpu_cache_compute=True,
-                        compress_weight=spec["compress"], compress_cache=spec["compress"]).with_percent(*percent)
+        policy = Policy(gpu_batch_size=gbs, num_gpu_batches=ngb, cpu_cache_compute=True,  # FlexGen's cache scheme
+                        compress_weight=spec["compress"], compress_cache=spec["compress"],
+                        comp_cache_keys="token").with_percent(*percent)
         with Engine.load(folder, weights="dummy", policy=policy, device=device, offload_dir=tmp,
                          gpu_mem=spec["gpu_mem"]) as eng:
             prompts = [[2] * spec["prompt_len"]] * (gbs * ngb)

@@ -44,11 +44,11 @@ class Variant:
 
 def table_variants() -> list[Variant]:
     """The README table: 4/3/2 bits; weights, cache, both; both weight-grouping dimensions, each with
-    FlexGen's min-max fit ("minmax", FlexGen's own default at dim 0) and the error-minimizing one; keys
+    FlexGen's min-max fit ("minmax", FlexGen's own default at dim 0) and the error-minimizing ones; keys
     grouped per channel (the default) and per token (FlexGen's, "token-keys"), and FlexGen's whole scheme."""
     out = [Variant("none")]
     for bits in (4, 3, 2):
-        weights = [(dim, fit) for dim in (0, 1) for fit in ("minmax", "mse")]
+        weights = [(dim, fit) for dim in (0, 1) for fit in ("minmax", "mse", "weighted")]
         out += [Variant(f"w{bits} dim{dim} {fit}", True, False, bits, dim, fit) for dim, fit in weights]
         out += [Variant(f"c{bits}", False, True, bits), Variant(f"c{bits} token-keys", False, True, bits, keys="token")]
         out += [Variant(f"w{bits}c{bits} dim{dim} {fit}", True, True, bits, dim, fit) for dim, fit in weights]

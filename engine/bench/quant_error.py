@@ -28,7 +28,7 @@ from engine.models.registry import adapter_for
 from engine.quant.groupwise import QuantSpec, decode_weight, encode_weight
 from engine.weights import resolve, stream_folder
 
-_OURS = ("minmax", "mse")
+_OURS = ("minmax", "mse", "weighted")
 
 
 def heavy_tailed(shape: tuple[int, int], seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
@@ -90,8 +90,8 @@ def compare(sets: dict[str, list[tuple[str, torch.Tensor]]], bits: list[int], gr
             for k, v in squared_errors(w, b, group, dim).items():
                 total[k] += v
         rel = {k: (total[k] / total["norm"]) ** 0.5 for k in ("flexgen", *_OURS)}
-        rows.append([name, str(dim), str(b), f"{rel['flexgen']:.5f}", f"{rel['minmax']:.5f}", f"{rel['mse']:.5f}",
-                     f"{rel['minmax'] / rel['flexgen']:.3f}", f"{rel['mse'] / rel['flexgen']:.3f}"])
+        rows.append([name, str(dim), str(b), f"{rel['flexgen']:.5f}", *(f"{rel[f]:.5f}" for f in _OURS),
+                     *(f"{rel[f] / rel['flexgen']:.3f}" for f in _OURS)])
     return rows
 
 
@@ -116,12 +116,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     sets = {name: [(name, t)] for name, t in heavy_tailed(shape)}
-    sets[args.model] = list(model_weights(args.model, args.layers))
-    print(f"groups of {args.group}; {sum(t.numel() for _, t in sets[args.model]) / 1e6:.1f}M weights of "
+    weights = list(model_weights(args.model, args.layers))
+    # the decoder blocks' weights apart from the vocabulary tables, whose larger norm would dominate a pooled error
+    for part, keep in (("decoder layers", True), ("vocabulary tables", False)):
+        chosen = [(n, t) for n, t in weights if n.startswith("layer") == keep]
+        if chosen:
+            sets[f"{args.model} {part}"] = chosen
+    print(f"groups of {args.group}; {sum(t.numel() for _, t in weights) / 1e6:.1f}M weights of "
           f"{args.model} (layers {args.layers}); random tensors {shape[0]}x{shape[1]}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} cores")
-    header = ["tensors", "dim", "bits", "FlexGen 0.1.8 rel. RMS", "ours min-max", "ours mse",
-              "min-max ÷ FlexGen", "mse ÷ FlexGen"]
+    header = ["tensors", "dim", "bits", "FlexGen 0.1.8 rel. RMS", *(f"ours {f}" for f in _OURS),
+              *(f"{f} ÷ FlexGen" for f in _OURS)]
     print(markdown_table(header, compare(sets, bits, args.group)))
     print("dim 0 groups along the output dimension (FlexGen's weight default), dim 1 along the input dimension; "
           "equal bytes: b-bit codes plus two fp16 numbers per group for every quantizer.")

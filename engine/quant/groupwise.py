@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.errors import UserError
-from engine.quant.fit import FITS, minmax_params, mse_params
+from engine.quant.fit import FITS, WORK_TENSORS, fitted_params, minmax_params
 
 _ROUND_MAGIC = float(1 << 23)
 
@@ -38,8 +38,8 @@ _ROUND_MAGIC = float(1 << 23)
 class QuantSpec:
     """Bit width (2..8) and group size of the quantizer, and how each group's (min, step) is chosen.
 
-    `fit` changes only encoding (engine.quant.fit): "minmax" is FlexGen's, "mse" minimizes the squared
-    reconstruction error, costlier, so it is for weights encoded once, not for the KV cache written per step.
+    `fit` changes only encoding (engine.quant.fit): "minmax" is FlexGen's; "mse" and "weighted" minimize a
+    squared reconstruction error, costlier, so they are for weights encoded once, not for the KV cache.
     """
 
     bits: int = 4
@@ -192,10 +192,10 @@ def encode_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         rows = rows.contiguous()
     out = torch.empty(rows.shape[0], nbytes, dtype=torch.uint8, device=x.device)
     block_rows, blocks = row_blocks(rows.shape[0], m, x.device)
-    fit_rows = block_rows if spec.fit == "mse" else 0
+    fit_rows = block_rows if spec.fit != "minmax" else 0
     scratch, codes_scratch, moved_scratch, *fit_work = scratch_tensors(
         x.device, ((block_rows, num_groups * g), torch.float32), ((block_rows, -(-m // 8) * 8), torch.uint8),
-        ((block_rows, -(-m // 8)), torch.int64), *[((fit_rows, num_groups, g), torch.float32)] * 2)
+        ((block_rows, -(-m // 8)), torch.int64), *[((fit_rows, num_groups, g), torch.float32)] * WORK_TENSORS)
     codes_scratch.zero_()
     for block in blocks:
         n = rows[block].shape[0]
@@ -204,8 +204,8 @@ def encode_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         if num_groups * g != m:  # pad the short last group with its own last value: min/max unchanged
             values[:, m:] = values[:, m - 1:m]
         groups = values.view(n, num_groups, g)
-        if spec.fit == "mse":
-            mn, step = mse_params(groups, spec.levels, tuple(w[:n] for w in fit_work))
+        if spec.fit != "minmax":
+            mn, step = fitted_params(groups, spec.levels, spec.fit, tuple(w[:n] for w in fit_work))
         else:
             mn, step = minmax_params(groups.amin(-1), groups.amax(-1), spec.levels)
         inv = torch.where(step > 0, 1.0 / step.float(), 0.0)  # a constant group has step 0: codes 0

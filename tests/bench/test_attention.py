@@ -1,10 +1,12 @@
-"""The CPU attention benchmark (engine.bench.attention) at tiny shapes: its paths compute the same attention."""
+"""The attention benchmarks at tiny shapes: engine.bench.attention's paths compute the same attention, and
+engine.bench.cache_keys times each cache scheme against per-token keys."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from engine.bench import cache_keys
 from engine.bench.attention import (
     FLEXGEN_MHA,
     FLEXGEN_PATH,
@@ -56,3 +58,11 @@ def test_bench_rows_give_every_path_and_its_ratio_to_flexgen():
     assert names[0] == "engine, fp16 cache" and (FLEXGEN_PATH in names) == (FLEXGEN_MHA in names) == flexgen
     for row in rows:
         assert (row[2] is None) == (not flexgen)
+
+
+def test_cache_keys_bench_times_each_cache_and_compares_with_per_token_keys(capsys):
+    cache_keys.main(["--prompt-len", "70", "--gen-len", "3", "--batch", "2", "--repeat", "1", "--threads", "1"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    table = {cells[0].strip(): [float(c) for c in cells[1:]] for cells in rows}
+    assert set(table) == set(cache_keys.VARIANTS)
+    assert table["c4 token keys"][-1] == 1 and all(r[0] > 0 for r in table.values())

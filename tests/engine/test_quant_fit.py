@@ -1,4 +1,4 @@
-"""Issue 19: the error-minimizing fit beats min-max at the same bytes, and decodes through the unchanged decoders."""
+"""Issue 19: the error-minimizing fits beat min-max at the same bytes, and decode through the unchanged decoders."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from engine.bench.quant_error import heavy_tailed
+from engine.config import load_folder_config
 from engine.errors import UserError
+from engine.memory import layout
+from engine.policy import Policy
 from engine.quant import int4_kernel
-from engine.quant.fit import mse_params
+from engine.quant.fit import WORK_TENSORS, fitted_params
 from engine.quant.groupwise import QuantSpec, decode_rows, decode_weight, encode_rows, encode_weight
 
 HEAVY = dict(heavy_tailed((256, 512), seed=3))
@@ -19,25 +22,41 @@ def _rms(w: torch.Tensor, spec: QuantSpec, dim: int) -> float:
     return (w_hat - w).pow(2).mean().sqrt().item()
 
 
+@pytest.mark.parametrize("fit", ["mse", "weighted"])
 @pytest.mark.parametrize("bits", [4, 3])
 @pytest.mark.parametrize("dim", [0, 1])
 @pytest.mark.parametrize("name", sorted(HEAVY))
-def test_mse_fit_beats_minmax_on_heavy_tailed_tensors(name, dim, bits):
+def test_fits_beat_minmax_on_heavy_tailed_tensors(name, dim, bits, fit):
     w = HEAVY[name]
-    mse, minmax = _rms(w, QuantSpec(bits, 64, "mse"), dim), _rms(w, QuantSpec(bits, 64), dim)
-    assert mse < 0.95 * minmax, (mse, minmax)
+    fitted, minmax = _rms(w, QuantSpec(bits, 64, fit), dim), _rms(w, QuantSpec(bits, 64), dim)
+    assert fitted < 0.95 * minmax, (fitted, minmax)
 
 
-def test_no_group_is_worse_than_minmax():
-    """The fit keeps min-max's grid wherever it would not lower a group's error, as decoding measures it."""
-    x = HEAVY["student-t3"][:64]
-    groups = x.reshape(-1, 64)
-    errors = {}
-    for fit in ("minmax", "mse"):
-        spec = QuantSpec(4, 64, fit)
-        errors[fit] = (decode_rows(encode_rows(groups, spec), 64, spec, torch.float32) - groups).pow(2).sum(-1)
-    assert (errors["mse"] <= errors["minmax"]).all()
-    assert (errors["mse"] < errors["minmax"]).float().mean() > 0.5  # and it lowers most of them
+def _group_errors(groups: torch.Tensor, fit: str) -> torch.Tensor:
+    spec = QuantSpec(4, 64, fit)
+    return decode_rows(encode_rows(groups, spec), 64, spec, torch.float32) - groups
+
+
+@pytest.mark.parametrize("fit", ["mse", "weighted"])
+def test_no_group_is_worse_than_minmax(fit):
+    """A fit keeps min-max's grid wherever it would not lower a group's error (weighted by the fit's own
+    weights: rms(group) + |x|), as decoding measures it."""
+    groups = HEAVY["student-t3"][:64].reshape(-1, 64)
+    weight = 1.0 if fit == "mse" else groups.pow(2).mean(-1, keepdim=True).sqrt() + groups.abs()
+    errors = {f: (weight * _group_errors(groups, f).pow(2)).sum(-1) for f in ("minmax", fit)}
+    assert (errors[fit] <= errors["minmax"] * (1 + 1e-6)).all()
+    assert (errors[fit] < errors["minmax"]).float().mean() > 0.5  # and it lowers most of them
+
+
+def test_weighted_fit_keeps_the_extremes_that_mse_clips():
+    """What makes `weighted` the default: on heavy-tailed groups it clips each group's largest weight half as
+    much as mse does (min-max keeps it on the grid's end), while its RMS error is still well below min-max's
+    (test_fits_beat_minmax_on_heavy_tailed_tensors)."""
+    groups = HEAVY["student-t3"].reshape(-1, 64)
+    extreme = groups.abs().argmax(-1, keepdim=True)
+    at_extreme = {f: _group_errors(groups, f).gather(-1, extreme).abs().mean().item()
+                  for f in ("minmax", "mse", "weighted")}
+    assert at_extreme["minmax"] < at_extreme["weighted"] < 0.6 * at_extreme["mse"], at_extreme
 
 
 def test_decoded_values_lie_on_each_groups_stored_grid():
@@ -68,17 +87,31 @@ def test_degenerate_groups_stay_finite_and_never_worse():
     """Constant groups, fp16-subnormal spreads and values past the fp16 range: never nan, never worse."""
     x = torch.stack([torch.full((64,), 3.0), torch.linspace(0, 1e-6, 64), torch.linspace(-1e6, 1e6, 64),
                      torch.zeros(64)])
-    mn, step = mse_params(x.view(4, 1, 64), 15, (torch.empty(4, 1, 64), torch.empty(4, 1, 64)))
-    assert torch.isfinite(mn.float()).all() and torch.isfinite(step.float()).all()
+    for fit in ("mse", "weighted"):
+        mn, step = fitted_params(x.view(4, 1, 64), 15, fit, tuple(torch.empty(4, 1, 64) for _ in range(WORK_TENSORS)))
+        assert torch.isfinite(mn.float()).all() and torch.isfinite(step.float()).all()
     err = {}
-    for fit in ("minmax", "mse"):
+    for fit in ("minmax", "mse", "weighted"):
         spec = QuantSpec(4, 64, fit)
         x_hat = decode_rows(encode_rows(x, spec), 64, spec, torch.float32)
         assert torch.isfinite(x_hat).all()
         err[fit] = (x_hat - x.clamp(-65504, 65504)).pow(2).sum(-1)
-    assert err["mse"][0] == 0 and err["mse"][3] == 0 and (err["mse"] <= err["minmax"]).all()
+    for fit in ("mse", "weighted"):
+        assert err[fit][0] == 0 and err[fit][3] == 0 and (err[fit][:2] <= err["minmax"][:2]).all()
 
 
 def test_unknown_fit_is_a_user_error():
     with pytest.raises(UserError, match="fit must be one of minmax, mse"):
         QuantSpec(4, 64, "gptq")
+
+
+@pytest.mark.parametrize("name", ["opt", "llama"])
+def test_the_lm_head_keeps_minmax_under_a_fit(tiny_models, name):
+    """Every other 2-D weight takes the policy's fit; the LM head (tied or not) keeps min-max's extremes."""
+    cfg = load_folder_config(tiny_models[name])
+    policy = Policy(compress_weight=True, comp_weight_fit="weighted")
+    lay = layout(cfg, policy, torch.device("cpu"), torch.float32, torch.float32)
+    fits = {(spec.kind, weight): codec.quant.fit for spec, placed in zip(lay.specs, lay.placed, strict=True)
+            for weight, (_, codec) in placed.items() if codec.quant is not None}
+    assert fits.pop(("head", "lm_head")) == "minmax"
+    assert fits and set(fits.values()) == {"weighted"}, fits
