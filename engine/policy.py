@@ -53,7 +53,7 @@ class Policy:
     comp_weight_bits: int = field(default=4, metadata=_opt("bits per compressed weight (2-8)"))
     comp_weight_group: int = field(default=64, metadata=_opt("group size of compressed weights"))
     # dim 1 (the GPTQ/AWQ/torchao convention, and the fused int4 kernel's) measured better than FlexGen's dim 0 on
-    # SmolLM2 (issue 19: w4c4 perplexity ratio 1.62 vs 1.88 at groups of 64); --comp-dim 0 replicates FlexGen.
+    # SmolLM2 (docs/measurements.md, issue 19); --comp-dim 0 replicates FlexGen.
     comp_weight_dim: int = field(default=1, metadata=_opt(
         "group weights along the output (0) or input (1) dimension", choices=(0, 1), aliases=("--comp-dim",)))
     # How each group's (min, step) is chosen (engine.quant.fit); same bytes. weighted: least squared error with
@@ -69,8 +69,9 @@ class Policy:
     comp_cache_bits: int = field(default=4, metadata=_opt("bits per compressed KV-cache value (2-8)"))
     comp_cache_group: int = field(default=64, metadata=_opt("group size of the compressed KV cache"))
     # channel: keys grouped per channel over blocks of comp_cache_group tokens, the unfinished block kept in
-    # the storage dtype (KIVI; engine.channel_keys), which cut SmolLM2's cache-only perplexity cost from 1.17x
-    # to 1.03x in issue 19's measurement; token: FlexGen's groups along each token's head dimension.
+    # the storage dtype (KIVI; engine.channel_keys): keys' outlier channels get groups of their own, which took
+    # most of a 4-bit cache's perplexity cost away on SmolLM2 (docs/measurements.md); token: FlexGen's groups
+    # along each token's head dimension, no window.
     comp_cache_keys: str = field(default="channel", metadata=_opt(
         "group compressed keys per channel over blocks of tokens (KIVI) or per token (FlexGen)", type=str,
         choices=KEY_GROUPINGS))

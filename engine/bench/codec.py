@@ -8,7 +8,7 @@ because on a CPU the page faults of a fresh allocation can cost as much as the d
 
     python -m engine.bench.codec                       # 2048x8192, 4/64 3/64 2/64 8/64, both dims
     python -m engine.bench.codec --specs 4/64,4/128 --shape 4096x4096 --threads 2
-    python -m engine.bench.codec --specs 4/64,4/64/mse   # the error-minimizing fit's encode cost (load time)
+    python -m engine.bench.codec --specs 4/64,4/64/weighted   # the fitted grid's encode cost (load time)
     python -m engine.bench.codec --fused 1,8,32,48,64,256 --threads 2   # 4-bit products by rows
 
 `--fused` times a 4-bit/64 product x @ W.T (W grouped along the input dimension) by rows of x, three

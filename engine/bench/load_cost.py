@@ -22,6 +22,7 @@ from engine import Engine, Policy
 from engine.errors import UserError, cli_main
 from engine.flags import ArgumentParser
 from engine.markdown import markdown_table
+from engine.quant.fit import FITS
 from engine.storage.host_memory import process_memory
 
 _RUNS = (("uncompressed (peer)", False), ("compressed, cache empty", True), ("compressed, from cache", True))
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="opt-1.3b")
     p.add_argument("--weights", choices=("dummy", "real"), default="dummy")
     p.add_argument("--comp-dim", type=int, choices=(0, 1), default=1)
-    p.add_argument("--fit", choices=("mse", "minmax"), default="mse")
+    p.add_argument("--fit", choices=FITS, default=Policy().comp_weight_fit, help="default: the engine's")
     p.add_argument("--one", choices=("plain", "compressed"), help="internal: one load in this process, as JSON")
     args = p.parse_args(argv)
     weights = None if args.weights == "real" else "dummy"

@@ -8,8 +8,12 @@ fp16-rounded values. Tensors: heavy-tailed random ones (Student's t, 3 degrees o
 with a few outlier input channels, as LLM activations and weights have), and SmolLM2-135M's weights.
 The error is the relative RMS error sqrt(Σ(x̂ − x)² / Σx²), pooled over a set's tensors.
 
+`--ceiling N` adds the best any grid of this format can do on each set's first N groups: an exhaustive
+search over each group's (range covered, offset), which bounds what a better fit could still gain.
+
     python -m engine.bench.quant_error                      # 4 and 3 bits, groups of 64, both dims
     python -m engine.bench.quant_error --layers all --bits 4
+    python -m engine.bench.quant_error --bits 4 --ceiling 400
 """
 
 from __future__ import annotations
@@ -95,6 +99,43 @@ def compare(sets: dict[str, list[tuple[str, torch.Tensor]]], bits: list[int], gr
     return rows
 
 
+def grid_ceiling(groups: torch.Tensor, bits: int) -> float:
+    """Σ over groups (n, g) of each one's least squared error on a fine grid of (range covered, offset), with
+    nearest codes: what any (min, step) of this format reaches, to the grid's resolution (fp32 parameters,
+    so if anything optimistic against fp16 ones)."""
+    levels = (1 << bits) - 1
+    lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    span = hi - lo
+    best = torch.full((groups.shape[0],), torch.inf)
+    for cover in torch.linspace(0.35, 1.05, 141):
+        step = (span * cover / levels).clamp_min(1e-30)
+        for offset in torch.linspace(-0.2, 1.0, 121):
+            mn = lo + offset * (span - levels * step)
+            codes = ((groups - mn) / step).round_().clamp_(0, levels)
+            best = torch.minimum(best, (codes * step + mn - groups).pow(2).sum(-1))
+    return best.sum().item()
+
+
+def ceiling_rows(sets: dict[str, list[tuple[str, torch.Tensor]]], bits: list[int], group: int,
+                 count: int) -> list[list[str]]:
+    """Per set, dim and bit width: each fit's and the grid ceiling's RMS error ÷ min-max's on the first
+    `count` groups (min-max equals FlexGen's to within fp16 rounding, see the main table)."""
+    rows = []
+    cases = [(name, dim, b) for name in sets for dim in (0, 1) for b in bits]
+    for name, dim, b in tqdm(cases, desc="grid ceiling", leave=False, disable=None):
+        w = sets[name][0][1].to(torch.float16).float()
+        groups = (w.T if dim == 0 else w).contiguous().reshape(-1, group)[:count]
+        error = {}
+        for fit in _OURS:
+            spec = QuantSpec(b, group, fit)
+            error[fit] = (decode_weight(encode_weight(groups, spec, 1), tuple(groups.shape), spec, 1,
+                                        torch.float32) - groups).pow(2).sum().item()
+        error["ceiling"] = grid_ceiling(groups, b)
+        rows.append([name, str(dim), str(b), str(groups.shape[0]),
+                     *(f"{(error[k] / error['minmax']) ** 0.5:.3f}" for k in (*_OURS[1:], "ceiling"))])
+    return rows
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(prog="python -m engine.bench.quant_error", description=__doc__)
@@ -105,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
                    "the embedding, a middle block, the last block)")
     p.add_argument("--random-shape", default="1024x1024", help="shape of the random tensors (default %(default)s)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--ceiling", type=int, metavar="N", help="also the grid ceiling on each set's first N groups")
     args = p.parse_args(argv)
     try:
         bits = [int(b) for b in args.bits.split(",")]
@@ -130,6 +172,12 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown_table(header, compare(sets, bits, args.group)))
     print("dim 0 groups along the output dimension (FlexGen's weight default), dim 1 along the input dimension; "
           "equal bytes: b-bit codes plus two fp16 numbers per group for every quantizer.")
+    if args.ceiling:
+        first = {name: tensors for name, tensors in sets.items() if "vocabulary" not in name}
+        print(f"\nRMS error ÷ min-max's on each set's first {args.ceiling} groups (its first tensor), and the grid "
+              "ceiling: the least error any (min, step) reaches on each group\n")
+        print(markdown_table(["tensors", "dim", "bits", "groups", *(f"{f} ÷ min-max" for f in _OURS[1:]),
+                              "grid ceiling ÷ min-max"], ceiling_rows(first, bits, args.group, args.ceiling)))
 
 
 if __name__ == "__main__":

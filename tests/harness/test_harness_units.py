@@ -59,7 +59,7 @@ REQ = Request(model="flexhelm/x", model_deployment="flexhelm/x", prompt="Hi", ma
 NUMERIC_CHANGES = {
     "compress_weight": True, "compress_cache": True, "comp_weight_bits": 3, "comp_weight_group": 32,
     "comp_weight_dim": 0, "comp_weight_fit": "mse", "comp_cache_bits": 3, "comp_cache_group": 32,
-    "fused_int4": False, "cpu_cache_compute": True, "threads": 1, "cuda_graphs": False,
+    "comp_cache_keys": "token", "fused_int4": False, "cpu_cache_compute": True, "threads": 1, "cuda_graphs": False,
 }
 
 

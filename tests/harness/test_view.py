@@ -54,9 +54,10 @@ def test_variant_names_are_derived_from_the_compression_policy():
     policies = [Policy(), Policy(compress_weight=True, compress_cache=True),
                 Policy(compress_cache=True, comp_cache_bits=2),
                 Policy(compress_weight=True, comp_weight_group=128, comp_weight_dim=0), Policy(compress_weight=True),
-                Policy(compress_weight=True, comp_weight_fit="mse")]
+                Policy(compress_weight=True, comp_weight_fit="mse"),
+                Policy(compress_weight=True, compress_cache=True, comp_weight_fit="minmax", comp_cache_keys="token")]
     names = [variant_name(p) for p in policies]
-    assert names == ["", "w4c4", "c2", "w4g128dim0", "w4", "w4mse"]
+    assert names == ["", "w4c4", "c2", "w4g128dim0", "w4", "w4mse", "w4minmaxc4token"]
     defaults = [*policies[1:3], policies[4]]  # default groups and fit: the label output folders and reports use
     assert [variant_name(p) for p in defaults] == [p.compression_label() for p in defaults]
     deployments = {EngineSpec.create("smollm2-135m", None, p).deployment for p in policies}
