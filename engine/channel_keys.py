@@ -64,12 +64,23 @@ class KeyBlocks:
         blocks = keys.reshape(b, t // self.group, self.group, h, d).permute(1, 0, 3, 4, 2)
         return groupwise.encode_rows(blocks.float(), self.quant)
 
-    def decode(self, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """uint8 blocks (n, rows, heads, d, ·) or their flat bytes -> keys (rows, n·group, heads, d)."""
-        coded = blocks.reshape(-1, self.rows, self.heads, self.dim, groupwise.row_nbytes(self.group, self.quant))
-        values = groupwise.decode_rows(coded, self.group, self.quant, dtype)  # (n, rows, heads, d, group)
-        return values.permute(1, 0, 4, 2, 3).reshape(self.rows, -1, self.heads, self.dim)
+    def decode_into(self, blocks: torch.Tensor, out: torch.Tensor) -> None:
+        """Decode coded blocks (n, rows, heads, d, ·), or their flat bytes, into keys `out` (rows, heads,
+        n·group, d), head-major as SDPA reads them best: a slice of the keys attention reads. The codes cross
+        into that layout in one converting copy and are scaled in place there (fp32, as decode_rows computes)."""
+        codes, mn, step = groupwise.unpack_codes(blocks.reshape(-1, groupwise.row_nbytes(self.group, self.quant)),
+                                                 self.group, self.quant)
+        n = codes.shape[0] // (self.rows * self.heads * self.dim)
 
+        def laid_out(t: torch.Tensor) -> torch.Tensor:  # (n·rows·heads·d, group or 1) -> (rows, heads, n, ·, d)
+            return t.view(n, self.rows, self.heads, self.dim, -1).permute(1, 2, 0, 4, 3)
+
+        target = out.view(self.rows, self.heads, n, self.group, self.dim)
+        values = target if out.dtype == torch.float32 else torch.empty(target.shape, device=out.device)
+        values.copy_(laid_out(codes))
+        torch.addcmul(laid_out(mn).contiguous(), values, laid_out(step).contiguous(), out=values)
+        if values is not target:
+            target.copy_(values)
 
 def segment_bytes(rows: int, heads: int, dim: int, max_len: int, storage: torch.dtype, quant: QuantSpec | None,
                   keys: str) -> dict[str, int]:

@@ -111,14 +111,17 @@ class LayerCache:
             out.append(rows if seg.keys is None else (*self._stored_keys(seg, _read_streamed), *rows))
         return out
 
-    def _stored_keys(self, seg: _Segment, read) -> tuple[torch.Tensor, torch.Tensor]:
-        """Channel-grouped keys before this pass, (b, t, heads, d): the whole blocks decoded, and the window
-        in the storage dtype. `read(store, nbytes)` returns a store's first bytes."""
+    def _stored_keys(self, seg: _Segment, read, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Channel-grouped keys before this pass: the whole blocks decoded, head-major (b, heads, t, d), into the
+        front of `out` when given; and the window (b, t, heads, d) in the storage dtype. `read(store, nbytes)`
+        returns a store's first bytes."""
         lay, t0 = seg.keys, self.length
         first = t0 // lay.group * lay.group
-        decoded = torch.empty(self.batch, 0, lay.heads, lay.dim, dtype=seg.dtype, device=seg.device)
+        if out is None:
+            out = torch.empty(self.batch, lay.heads, first, lay.dim, dtype=seg.dtype, device=seg.device)
+        decoded = out[:, :, :first]
         if first:
-            decoded = lay.decode(read(seg.k, first // lay.group * lay.block_bytes).to(seg.device), seg.dtype)
+            lay.decode_into(read(seg.k, first // lay.group * lay.block_bytes).to(seg.device), decoded)
         raw = read(seg.window, (t0 - first) * lay.token_bytes) if t0 > first else torch.empty(0, dtype=torch.uint8)
         return decoded, raw.view(lay.storage).view(-1, self.batch, lay.heads, lay.dim).to(seg.device).transpose(0, 1)
 
@@ -195,27 +198,29 @@ class LayerCache:
         s, group = k.shape[1], seg.keys.group
         total, first = t0 + s, t0 // group * group
         done = total // group * group
-        if seg.views is not None:
-            stored, window = self._stored_keys(seg, _read_in_place)
+        keys = torch.empty(self.batch, lay.heads, total, lay.dim, dtype=seg.dtype, device=seg.device)
+        if seg.views is not None:  # resident: the blocks decode straight into the keys attention reads
+            _, window = self._stored_keys(seg, _read_in_place, keys)
             seg.count(read=first // group * lay.block_bytes + (t0 - first) * lay.token_bytes)
             (values,) = self._in_place(seg, seg.views[1:], (v,), t0)
-        else:
+        else:  # streamed: decoded on the I/O worker ahead of use
             stored, window, old_values = old if old is not None else (*self._stored_keys(seg, _read_streamed), None)
+            keys[:, :, :first] = stored
             (values,) = self._streamed(seg, (seg.v,), (v,), None if old is None else (old_values,), t0)
-        computed = torch.cat((window, k.to(lay.storage)), dim=1)  # positions first .. total
+        computed = torch.cat((window, k.to(lay.storage)), dim=1)  # positions first .. total, (b, t, heads, d)
+        keys[:, :, first:] = computed.transpose(1, 2)
         blocks = lay.encode(computed[:, :done - first]) if done > first else None
         start = max(done, t0)  # what the window holds after this pass, from slot start - done
         self._write(seg, ((seg.k, first // group * lay.block_bytes, blocks),
                           (seg.window, (start - done) * lay.token_bytes, computed[:, start - first:])))
-        keys = torch.cat((stored, computed.to(seg.dtype)), dim=1)
         outs = []
         for lo in range(first, total, group):  # the query blocks of this pass
             if lo > first:
-                keys[:, lo - group:lo] = lay.decode(blocks[(lo - group - first) // group], seg.dtype)
+                lay.decode_into(blocks[(lo - group - first) // group], keys[:, :, lo - group:lo])
             a, b = max(lo, t0) - t0, min(lo + group, total) - t0
             part = mask[:, a:b] if mask is not None else None if a == 0 and b == s else _causal(t0 + a, t0 + b, total,
                                                                                                q.device)
-            outs.append(attention(q[:, a:b], keys, values, part, scale))
+            outs.append(attention(q[:, a:b], keys.transpose(1, 2), values, part, scale))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def _write(self, seg: _Segment, writes) -> None:

@@ -229,6 +229,20 @@ def _group_fields(raw: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, tor
     return both[:, :num_groups], both[:, num_groups:]
 
 
+def unpack_codes(data: torch.Tensor, m: int, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The uint8 codes (..., m) and fp32 (minimums, steps) (..., groups) of coded rows (..., row_nbytes(m)):
+    what decode_rows computes from, for a caller that lays the decoded values out its own way."""
+    nbytes, num_groups = row_nbytes(m, spec), _num_groups(m, spec)
+    rows, packed_len = data.reshape(-1, nbytes), _packed_nbytes(m, spec)
+    width = -(-num_groups * spec.group // 8) * 8
+    codes = torch.empty(rows.shape[0], width, dtype=torch.uint8, device=data.device)
+    moved = torch.empty(rows.shape[0], width // 8, dtype=torch.int64, device=data.device)
+    _unpack(rows[:, :packed_len], spec.bits, codes, moved)
+    mn, step = _group_fields(rows[:, packed_len:], num_groups)
+    lead = data.shape[:-1]
+    return codes[:, :m].reshape(*lead, m), mn.reshape(*lead, num_groups), step.reshape(*lead, num_groups)
+
+
 def decode_rows(data: torch.Tensor, m: int, spec: QuantSpec, dtype: torch.dtype,
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantize uint8 rows (..., row_nbytes(m)) into (..., m) of `dtype` on data's device.
