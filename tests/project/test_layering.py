@@ -17,7 +17,7 @@ PACKAGES = ("engine", "harness", "scenarios")
 LAYERS = {
     "engine.errors": 0, "engine.config": 0, "engine.policy": 0, "engine.markdown": 0,
     "engine.models": 1, "engine.quant": 1, "engine.storage": 1, "engine.placement": 1, "engine.sampling": 1,
-    "engine.tables": 1, "engine.weights": 1,
+    "engine.tables": 1, "engine.weights": 1, "engine.channel_keys": 1,
     "engine.memory": 2, "engine.runtime": 2, "engine.kv_cache": 2, "engine.schedule": 2,
     "engine.api": 3, "engine.generation": 3, "engine": 3,
     "engine.planner": 4,
