@@ -17,9 +17,11 @@ from helpers.reference import assert_matches_hf
 from engine import Engine, Policy
 from engine import kv_cache as kv_cache_module
 from engine.bench.reference import POLICIES
+from engine.channel_keys import KeyBlocks
 from engine.kv_cache import LayerCache
 from engine.models.layers import attention
 from engine.quant import groupwise
+from engine.quant.groupwise import QuantSpec
 
 MIXED = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28], [40, 41, 42, 43]]
 CPU_ATTENTION = Policy(cpu_cache_compute=True)
@@ -215,3 +217,20 @@ def test_attention_without_a_mask_is_causal_attention(s):
         torch.testing.assert_close(attention(q, k, v, None, 0.3), attention(q, k, v, allowed, 0.3))
         expected = _reference(q, k.double(), v.double(), allowed, 0.3).float()
         torch.testing.assert_close(attention(q, k, v, None, 0.3), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_key_blocks_decode_into_any_slice_as_each_channel_decodes(dtype):
+    """Blocks decode into a head-major slice of a larger keys buffer (what a GPU's fp16/bf16 attention gets
+    too), each value what decode_rows gives its channel's group of positions, rounded once to the dtype."""
+    rows, heads, dim, quant = 3, 2, 8, QuantSpec(4, 4)
+    layout = KeyBlocks(rows, heads, dim, torch.float16, quant)
+    keys = torch.randn(rows, 12, heads, dim, generator=torch.Generator().manual_seed(1)).half()
+    blocks = layout.encode(keys)  # three blocks of four positions
+    out = torch.full((rows, heads, 14, dim), float("nan"), dtype=dtype)
+    layout.decode_into(blocks, out[:, :, 1:13])
+    per_channel = keys.float().permute(0, 2, 3, 1).reshape(rows, heads, dim, 3, 4)  # groups along positions
+    coded = groupwise.decode_rows(groupwise.encode_rows(per_channel, quant), 4, quant, torch.float32)
+    expected = coded.reshape(rows, heads, dim, 12).transpose(2, 3).to(dtype)
+    assert torch.equal(out[:, :, 1:13], expected)
+    assert out[:, :, [0, 13]].isnan().all()  # nothing written outside the slice
