@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     if device == "cuda":
         with tempfile.TemporaryDirectory() as tmp:
-            failures = gpu_check.correctness(gpu_check.checkpoints(Path(tmp) / "ckpt"), Path(tmp))
+            folders = gpu_check.checkpoints(Path(tmp) / "ckpt")
+            failures = gpu_check.correctness(folders, Path(tmp)) + gpu_check.compressed_cache(folders, Path(tmp))
     meta["exactness_failures"] = failures
     rows = in_gpu_rows("opt-1.3b" if device == "cuda" else "opt-125m", (1, 32) if device == "cuda" else (1, 4),
                        128 if device == "cuda" else 16, 32 if device == "cuda" else 4, device)

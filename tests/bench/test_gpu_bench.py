@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from engine.bench import gpu_check
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -24,3 +26,10 @@ def test_cpu_mode_writes_every_check(tmp_path):
     assert offload["flexgen"] == {"error": "FlexGen needs CUDA"}
     table = (tmp_path / "gpu_bench.md").read_text()
     assert "engine vs FlexGen 0.1.8" in table and "flexgen: FlexGen needs CUDA" in table
+
+
+def test_the_compressed_cache_check_passes_here_and_prints_every_case(tiny_models, tmp_path, capsys):
+    """The GPU script's 4-bit cache check, run on the CPU: prefill equals decode for every case it lists."""
+    assert gpu_check.compressed_cache({"llama": tiny_models["llama"]}, tmp_path, device="cpu") == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| llama")]
+    assert len(rows) == 3 * 2 * 2  # placements x key groupings x compute dtypes
