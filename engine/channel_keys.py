@@ -11,9 +11,9 @@ log-probs equal those of feeding it token by token, and no key is quantized with
 after the query that reads it. Blocks start at absolute cache positions, so a left-padded row's groups
 depend on its padding (as with any batch-dependent numerics; a row's outputs depend on its block).
 
-Bytes: block j holds, per (row, head, channel), its `group` values as one group-wise coded row, laid out
-block-major (blocks, rows, heads, d, row_nbytes(group)). With d a multiple of the group that is the bytes of
-token-major rows of d values; the window, at most group − 1 tokens in the storage dtype, is the extra.
+Bytes: block j holds, per (row, head), `group` × d 4-bit codes and an fp16 minimum and step per channel
+(KeyBlocks), laid out block-major. With d a multiple of the group that is the bytes of token-major rows of d
+values; the window, at most group − 1 tokens in the storage dtype, is the extra.
 """
 
 from __future__ import annotations
@@ -24,12 +24,19 @@ import torch
 
 from engine.quant import groupwise
 from engine.quant.codec import RowCodec
+from engine.quant.fit import minmax_params
 from engine.quant.groupwise import QuantSpec
 
 
 @dataclass(frozen=True)
 class KeyBlocks:
-    """The layout of one cache segment's keys: `rows` sequences × `heads` KV heads × `dim` channels."""
+    """The layout of one cache segment's keys: `rows` sequences × `heads` KV heads × `dim` channels.
+
+    A block holds, per (row, head), its `group` × d codes token-major, then the d channels' fp16 minimums and
+    steps: the byte layout of a group-wise row of group·d values with d groups (groupwise.row_nbytes), whose
+    groups are the channels, strided, rather than runs. Decoded, a block is already (positions, d), the
+    order attention reads keys in, so decoding is one converting copy and one fused multiply-add.
+    """
 
     rows: int
     heads: int
@@ -42,9 +49,14 @@ class KeyBlocks:
         return self.quant.group
 
     @property
+    def _row(self) -> tuple[int, QuantSpec]:
+        """One (row, head)'s block as a group-wise row: its value count and the spec whose groups count d."""
+        return self.group * self.dim, self.quant
+
+    @property
     def block_bytes(self) -> int:
         """One block of `group` tokens, every row, head and channel."""
-        return self.rows * self.heads * self.dim * groupwise.row_nbytes(self.group, self.quant)
+        return self.rows * self.heads * groupwise.row_nbytes(*self._row)
 
     @property
     def token_bytes(self) -> int:
@@ -59,21 +71,26 @@ class KeyBlocks:
         return min(self.group - 1, max_len) * self.token_bytes
 
     def encode(self, keys: torch.Tensor) -> torch.Tensor:
-        """(rows, n·group, heads, d) keys -> uint8 (n, rows, heads, d, row_nbytes(group)) blocks."""
+        """(rows, n·group, heads, d) keys -> uint8 (n, rows, heads, block bytes a head), each channel's group of
+        positions fitted by min-max and coded with encode_rows's arithmetic."""
         b, t, h, d = keys.shape
-        blocks = keys.reshape(b, t // self.group, self.group, h, d).permute(1, 0, 3, 4, 2)
-        return groupwise.encode_rows(blocks.float(), self.quant)
+        values = keys.float().reshape(b, t // self.group, self.group, h, d).permute(1, 0, 3, 2, 4).contiguous()
+        mn, step = minmax_params(values.amin(3), values.amax(3), self.quant.levels)  # (n, rows, heads, d)
+        codes = groupwise.code_bits_(values, mn.unsqueeze(3), step.unsqueeze(3), self.quant.levels)
+        flat = (-1, self.group * d)
+        coded = groupwise.pack_codes(codes.reshape(flat), mn.reshape(-1, d), step.reshape(-1, d), self.quant)
+        return coded.view(t // self.group, b, h, -1)
 
     def decode_into(self, blocks: torch.Tensor, out: torch.Tensor) -> None:
-        """Decode coded blocks (n, rows, heads, d, ·), or their flat bytes, into keys `out` (rows, heads,
-        n·group, d), head-major as SDPA reads them best: a slice of the keys attention reads. The codes cross
-        into that layout in one converting copy and are scaled in place there (fp32, as decode_rows computes)."""
-        codes, mn, step = groupwise.unpack_codes(blocks.reshape(-1, groupwise.row_nbytes(self.group, self.quant)),
-                                                 self.group, self.quant)
-        n = codes.shape[0] // (self.rows * self.heads * self.dim)
+        """Decode coded blocks (n, rows, heads, ·), or their flat bytes, into keys `out` (rows, heads, n·group,
+        d), head-major as SDPA reads them best: a slice of the keys attention reads (fp32 arithmetic, rounded
+        once to out's dtype, as decode_rows does)."""
+        m, spec = self._row
+        codes, mn, step = groupwise.unpack_codes(blocks.reshape(-1, groupwise.row_nbytes(m, spec)), m, spec)
+        n = codes.shape[0] // (self.rows * self.heads)
 
-        def laid_out(t: torch.Tensor) -> torch.Tensor:  # (n·rows·heads·d, group or 1) -> (rows, heads, n, ·, d)
-            return t.view(n, self.rows, self.heads, self.dim, -1).permute(1, 2, 0, 4, 3)
+        def laid_out(t: torch.Tensor) -> torch.Tensor:  # (n·rows·heads, positions·d) -> (rows, heads, n, ·, d)
+            return t.view(n, self.rows, self.heads, -1, self.dim).permute(1, 2, 0, 3, 4)
 
         target = out.view(self.rows, self.heads, n, self.group, self.dim)
         values = target if out.dtype == torch.float32 else torch.empty(target.shape, device=out.device)

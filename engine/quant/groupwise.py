@@ -180,6 +180,31 @@ def row_blocks(n: int, m: int, device: torch.device, align: int = 1) -> tuple[in
     return rows, [slice(start, start + rows) for start in range(0, n, rows)]
 
 
+def code_bits_(values: torch.Tensor, mn: torch.Tensor, step: torch.Tensor, levels: int) -> torch.Tensor:
+    """Turn fp32 values into their codes in place, for fp16 (min, step) broadcast against them; returns the
+    values' int32 view, whose low byte is each code (what a narrowing integer copy takes)."""
+    inv = torch.where(step > 0, 1.0 / step.float(), 0.0)  # a constant group has step 0: codes 0
+    values.sub_(mn.float()).mul_(inv).clamp_(0, levels)
+    # Adding 2^23 rounds to the nearest integer (ties to even, as round() does) and leaves the code in the
+    # low byte of the float's bits.
+    return values.add_(_ROUND_MAGIC).view(torch.int32)
+
+
+def pack_codes(codes: torch.Tensor, mn: torch.Tensor, step: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Coded rows (n, row_nbytes(m)) from codes (n, m) (any integer dtype, each below 2^bits) and fp16
+    (minimums, steps) (n, groups): for a caller whose groups are not runs of consecutive values."""
+    n, m = codes.shape
+    packed_len, num_groups = _packed_nbytes(m, spec), _num_groups(m, spec)
+    width = -(-m // 8) * 8
+    scratch = torch.zeros(n, width, dtype=torch.uint8, device=codes.device)
+    scratch[:, :m] = codes
+    out = torch.empty(n, row_nbytes(m, spec), dtype=torch.uint8, device=codes.device)
+    _pack(scratch, spec.bits, out[:, :packed_len], torch.empty(n, width // 8, dtype=torch.int64, device=codes.device))
+    out[:, packed_len:packed_len + 2 * num_groups] = mn.contiguous().view(torch.uint8)
+    out[:, packed_len + 2 * num_groups:] = step.contiguous().view(torch.uint8)
+    return out
+
+
 def encode_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Quantize float rows (..., m) into uint8 (..., row_nbytes(m)) on x's device."""
     if not x.is_floating_point() or x.dim() < 1:
@@ -208,11 +233,7 @@ def encode_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
             mn, step = fitted_params(groups, spec.levels, spec.fit, tuple(w[:n] for w in fit_work))
         else:
             mn, step = minmax_params(groups.amin(-1), groups.amax(-1), spec.levels)
-        inv = torch.where(step > 0, 1.0 / step.float(), 0.0)  # a constant group has step 0: codes 0
-        groups.sub_(mn.float().unsqueeze(-1)).mul_(inv.unsqueeze(-1)).clamp_(0, spec.levels)
-        # Adding 2^23 rounds to the nearest integer (ties to even, as round() does) and leaves the code
-        # in the low byte of the float's bits; a narrowing integer copy takes that byte.
-        groups.add_(_ROUND_MAGIC)
+        code_bits_(groups, mn.unsqueeze(-1), step.unsqueeze(-1), spec.levels)
         codes = codes_scratch[:n]
         codes[:, :m] = values.view(torch.int32)[:, :m]  # the zero tail stays zero: packing moves bits down
         _pack(codes, spec.bits, out[block, :packed_len], moved_scratch[:n])

@@ -34,13 +34,18 @@ def blocks(lengths: list[int], policy: Policy) -> list[list[tuple[int, int]]]:
 
 def token_head_bytes(cfg: ModelConfig, policy: Policy, storage_elem: int) -> float:
     """Stored bytes of one position's K (or V) for one KV head of one sequence: plain, one quantized vector,
-    or for keys grouped per channel, a block's share (d channels of `group` positions coded as one group each)."""
+    or for keys grouped per channel, a block's share (group × d codes, a min and step per channel)."""
     if not policy.compress_cache:
         return cfg.head_dim * storage_elem
     spec = QuantSpec(policy.comp_cache_bits, policy.comp_cache_group)
     if _by_channel(policy):
-        return cfg.head_dim * row_nbytes(spec.group, spec) / spec.group
+        return _key_block_bytes(cfg, spec) / spec.group
     return row_nbytes(cfg.head_dim, spec)
+
+
+def _key_block_bytes(cfg: ModelConfig, spec: QuantSpec) -> int:
+    """One head's block of channel-grouped keys: group × d codes packed together, an fp16 min and step a channel."""
+    return -(-spec.group * cfg.head_dim * spec.bits // 8) + 4 * cfg.head_dim
 
 
 def _by_channel(policy: Policy) -> bool:
@@ -58,7 +63,7 @@ def _head_bytes(cfg: ModelConfig, policy: Policy, storage_elem: int, length: int
         return 2 * positions * token, 2 * (positions - 1) * token
     spec = QuantSpec(policy.comp_cache_bits, policy.comp_cache_group)
     group, value = spec.group, row_nbytes(cfg.head_dim, spec)
-    block = cfg.head_dim * row_nbytes(group, spec)
+    block = _key_block_bytes(cfg, spec)
     window = cfg.head_dim * storage_elem
     held = positions * value + positions // group * block + min(group - 1, positions) * window
     ends = [length + i for i in range(passes)]  # positions computed by the end of each pass
