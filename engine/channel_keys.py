@@ -11,7 +11,7 @@ log-probs equal those of feeding it token by token, and no key is quantized with
 after the query that reads it. Blocks start at absolute cache positions, so a left-padded row's groups
 depend on its padding (as with any batch-dependent numerics; a row's outputs depend on its block).
 
-Bytes: block j holds, per (row, head), `group` × d 4-bit codes and an fp16 minimum and step per channel
+Bytes: block j holds, per (row, head), `group` × d b-bit codes and an fp16 minimum and step per channel
 (KeyBlocks), laid out block-major. With d a multiple of the group that is the bytes of token-major rows of d
 values; the window, at most group − 1 tokens in the storage dtype, is the extra.
 """
@@ -49,14 +49,14 @@ class KeyBlocks:
         return self.quant.group
 
     @property
-    def _row(self) -> tuple[int, QuantSpec]:
-        """One (row, head)'s block as a group-wise row: its value count and the spec whose groups count d."""
-        return self.group * self.dim, self.quant
+    def _head_values(self) -> int:
+        """One (row, head)'s block as a group-wise row: group × d values, whose groups of `group` count d."""
+        return self.group * self.dim
 
     @property
     def block_bytes(self) -> int:
         """One block of `group` tokens, every row, head and channel."""
-        return self.rows * self.heads * groupwise.row_nbytes(*self._row)
+        return self.rows * self.heads * groupwise.row_nbytes(self._head_values, self.quant)
 
     @property
     def token_bytes(self) -> int:
@@ -77,16 +77,17 @@ class KeyBlocks:
         values = keys.float().reshape(b, t // self.group, self.group, h, d).permute(1, 0, 3, 2, 4).contiguous()
         mn, step = minmax_params(values.amin(3), values.amax(3), self.quant.levels)  # (n, rows, heads, d)
         codes = groupwise.code_bits_(values, mn.unsqueeze(3), step.unsqueeze(3), self.quant.levels)
-        flat = (-1, self.group * d)
-        coded = groupwise.pack_codes(codes.reshape(flat), mn.reshape(-1, d), step.reshape(-1, d), self.quant)
+        coded = groupwise.pack_codes(codes.reshape(-1, self._head_values), mn.reshape(-1, d), step.reshape(-1, d),
+                                     self.quant)
         return coded.view(t // self.group, b, h, -1)
 
     def decode_into(self, blocks: torch.Tensor, out: torch.Tensor) -> None:
         """Decode coded blocks (n, rows, heads, ·), or their flat bytes, into keys `out` (rows, heads, n·group,
         d), head-major as SDPA reads them best: a slice of the keys attention reads (fp32 arithmetic, rounded
         once to out's dtype, as decode_rows does)."""
-        m, spec = self._row
-        codes, mn, step = groupwise.unpack_codes(blocks.reshape(-1, groupwise.row_nbytes(m, spec)), m, spec)
+        m = self._head_values
+        codes, mn, step = groupwise.unpack_codes(blocks.reshape(-1, groupwise.row_nbytes(m, self.quant)), m,
+                                                 self.quant)
         n = codes.shape[0] // (self.rows * self.heads)
 
         def laid_out(t: torch.Tensor) -> torch.Tensor:  # (n·rows·heads, positions·d) -> (rows, heads, n, ·, d)
@@ -98,6 +99,7 @@ class KeyBlocks:
         torch.addcmul(laid_out(mn).contiguous(), values, laid_out(step).contiguous(), out=values)
         if values is not target:
             target.copy_(values)
+
 
 def segment_bytes(rows: int, heads: int, dim: int, max_len: int, storage: torch.dtype, quant: QuantSpec | None,
                   keys: str) -> dict[str, int]:

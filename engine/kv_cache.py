@@ -39,7 +39,8 @@ class _Segment:
     # Its precision: plain values are attended in the storage dtype, read in place (on a CPU, fused SDPA
     # over fp16/bf16 is fast, unlike a CPU's half-precision matmul); decoded ones in fp32 on a CPU.
     dtype: torch.dtype
-    views: tuple[torch.Tensor, torch.Tensor] | None  # resident: K and V per head, viewing the stores' bytes
+    # resident: the token-major stores per head, viewing their bytes: K and V, or V alone beside coded key blocks
+    views: tuple[torch.Tensor, ...] | None
     keys: KeyBlocks | None = None  # keys grouped per channel: k holds coded blocks, `window` the rest
     window: Store | None = None
 
@@ -60,8 +61,7 @@ def _segment(rt: Runtime, tier: str, heads: tuple[int, int], codec: RowCodec, st
         device = k.buf.device  # the buffer's own spelling (cuda:0), whatever the caller's was
         width = codec.vector if codec.quant is None else groupwise.row_nbytes(codec.vector, codec.quant)
         views = tuple((s.buf if codec.quant else s.buf.view(codec.storage)).view(batch, -1, max_len, width)
-                      for s in (k, v) if keys is None or s is v)
-        views = views if keys is None else (k.buf, *views)  # channel-grouped keys: coded blocks, whole
+                      for s in ((k, v) if keys is None else (v,)))
     if codec.quant is None:
         dtype = codec.storage
     else:
@@ -202,7 +202,7 @@ class LayerCache:
         if seg.views is not None:  # resident: the blocks decode straight into the keys attention reads
             _, window = self._stored_keys(seg, _read_in_place, keys)
             seg.count(read=first // group * lay.block_bytes + (t0 - first) * lay.token_bytes)
-            (values,) = self._in_place(seg, seg.views[1:], (v,), t0)
+            (values,) = self._in_place(seg, seg.views, (v,), t0)
         else:  # streamed: decoded on the I/O worker ahead of use
             stored, window, old_values = old if old is not None else (*self._stored_keys(seg, _read_streamed), None)
             keys[:, :, :first] = stored

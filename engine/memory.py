@@ -254,13 +254,12 @@ def _cache_phase(cfg: ModelConfig, policy: Policy, rows: int, keys: int, storage
         elems = 2 * rows * keys * (h1 - h0) * cfg.head_dim
         value = storage_elem if plain else 4 if attend.type == "cpu" else compute_elem
         where = "cpu" if on_host and device.type == "cuda" else "gpu"
+        # channel-grouped keys decode into the keys attention reads, which take the decoded prefix's place
         sizes = segment_bytes(rows, h1 - h0, cfg.head_dim, keys, storage, cache_quant, policy.comp_cache_keys)
-        # channel-grouped keys are joined with their window: one more copy of K
-        joined = elems // 2 * value if "kw" in sizes else 0
         if resident:
-            out[where] += (0 if plain else elems * value) + joined
+            out[where] += 0 if plain else elems * value
         else:
-            out[where] += 3 * elems * value + joined
+            out[where] += 3 * elems * value
             out["cpu"] += sum(sizes.values()) if tier == "disk" else 0
     return out
 

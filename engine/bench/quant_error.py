@@ -173,11 +173,10 @@ def main(argv: list[str] | None = None) -> None:
     print("dim 0 groups along the output dimension (FlexGen's weight default), dim 1 along the input dimension; "
           "equal bytes: b-bit codes plus two fp16 numbers per group for every quantizer.")
     if args.ceiling:
-        first = {name: tensors for name, tensors in sets.items() if "vocabulary" not in name}
         print(f"\nRMS error ÷ min-max's on each set's first {args.ceiling} groups (its first tensor), and the grid "
               "ceiling: the least error any (min, step) reaches on each group\n")
         print(markdown_table(["tensors", "dim", "bits", "groups", *(f"{f} ÷ min-max" for f in _OURS[1:]),
-                              "grid ceiling ÷ min-max"], ceiling_rows(first, bits, args.group, args.ceiling)))
+                              "grid ceiling ÷ min-max"], ceiling_rows(sets, bits, args.group, args.ceiling)))
 
 
 if __name__ == "__main__":
